@@ -1,0 +1,1 @@
+"""Code both sides share: configs, data, episodes, models, privacy, the wire format."""

@@ -1,0 +1,419 @@
+"""Typed configuration: the YAML schema of medmeta, as frozen dataclasses.
+
+Load with :func:`load_config`. Every field has a type and (where sensible) a default;
+unknown keys, wrong types and out-of-range values are errors that name the file, the
+field path, what was expected and what was found. Relative paths in a file are
+resolved against the file's own folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from medmeta_common.errors import ConfigError
+from medmeta_common.typed_config import build, check, load_yaml_mapping
+
+SYNTHETIC_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How every site's images are harmonised before training.
+
+    Attributes
+    ----------
+    size : int
+        Side of the square images the encoder sees.
+    channels : {1, 3}
+        Grey (1) or RGB (3); sources are converted.
+    intensity : {"zscore", "minmax"}
+        Per-image, per-channel normalisation.
+
+    """
+
+    size: int = 32
+    channels: Literal[1, 3] = 1
+    intensity: Literal["zscore", "minmax"] = "zscore"
+
+    def __post_init__(self) -> None:
+        check(8 <= self.size <= 512, field="size", expected="an integer in [8, 512]",
+              found=self.size)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """Take one of ``parts`` patient-disjoint parts of a source (to simulate hospitals)."""
+
+    parts: int
+    index: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.parts >= 1, field="parts", expected="at least 1", found=self.parts)
+        check(0 <= self.index < self.parts, field="index",
+              expected=f"an integer in [0, {self.parts - 1}]", found=self.index)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a site's images are, and which of them to use.
+
+    Attributes
+    ----------
+    path : str
+        A ``.npz`` file, a folder with a CSV manifest, a folder of class sub-folders,
+        or ``builtin:demo/<site>`` for the built-in synthetic demo.
+    split : {"train", "val", "test"} or None
+        Split to read. Splits defined by the source are used as they are; otherwise
+        records are split per patient/group with ``split_seed``. ``None`` reads all.
+    classes : list of str, optional
+        Keep only these classes (in this order); others are dropped.
+    group_key : str, optional
+        For plain ``.npz``: the array holding patient/group keys.
+    partition : PartitionConfig, optional
+        Keep one patient-disjoint part of the source.
+    policy : {"strict", "lenient"}
+        ``strict`` stops at the first bad file; ``lenient`` skips and reports each one.
+    frames : {"middle", "all"}
+        Multi-frame DICOM and 3-D volumes: keep the middle frame/slice, or all.
+    manifest : str
+        Manifest file name inside a DICOM folder.
+    split_seed : int
+        Seed of the per-group split when the source defines none.
+
+    """
+
+    path: str
+    split: Literal["train", "val", "test"] | None = "train"
+    classes: tuple[str, ...] | None = None
+    group_key: str | None = None
+    partition: PartitionConfig | None = None
+    policy: Literal["strict", "lenient"] = "lenient"
+    frames: Literal["middle", "all"] = "middle"
+    manifest: str = "manifest.csv"
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), field="path", expected="a file or folder path", found=self.path)
+        if self.classes is not None:
+            check(len(set(self.classes)) == len(self.classes) and len(self.classes) > 0,
+                  field="classes", expected="a non-empty list of distinct class names",
+                  found=list(self.classes))
+
+    @property
+    def is_builtin(self) -> bool:
+        """True for the built-in synthetic demo data."""
+        return self.path.startswith(SYNTHETIC_PREFIX)
+
+
+def resolve_path(base: Path, value: str) -> str:
+    """``value`` relative to ``base`` unless absolute or built-in."""
+    if value.startswith(SYNTHETIC_PREFIX) or Path(value).expanduser().is_absolute():
+        return str(Path(value).expanduser()) if not value.startswith(SYNTHETIC_PREFIX) else value
+    return str((base / value).resolve())
+
+
+def with_resolved_path(data: DataConfig, base: Path) -> DataConfig:
+    """A copy of ``data`` whose path is resolved against ``base``."""
+    return replace(data, path=resolve_path(base, data.path))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shared encoder's architecture, and the scale of the site heads.
+
+    Attributes
+    ----------
+    preset : {"small", "large"}
+        ``small`` (~0.13 M parameters) trains at useful speed on 2 CPU cores; ``large``
+        (~4.7 M) is for GPU sites.
+    widths : list of int, optional
+        Channels of each stage, overriding the preset.
+    convs_per_stage : int, optional
+        Convolutions per stage, overriding the preset.
+    norm_groups : int
+        GroupNorm groups (BatchNorm is never used: it breaks DP-SGD).
+    cosine_scale : float
+        Inverse temperature of the cosine classifier and prototype logits.
+
+    """
+
+    preset: Literal["small", "large"] = "small"
+    widths: tuple[int, ...] | None = None
+    convs_per_stage: int | None = None
+    norm_groups: int = 8
+    cosine_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.widths is not None:
+            check(0 < len(self.widths) <= 6 and all(w > 0 for w in self.widths),
+                  field="widths", expected="1 to 6 positive integers", found=list(self.widths))
+        if self.convs_per_stage is not None:
+            check(1 <= self.convs_per_stage <= 4, field="convs_per_stage",
+                  expected="an integer in [1, 4]", found=self.convs_per_stage)
+        check(self.cosine_scale > 0, field="cosine_scale", expected="a positive number",
+              found=self.cosine_scale)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The local inner loop every site runs each round (sent by the server).
+
+    Attributes
+    ----------
+    loss : {"cosine", "protonet"}
+        ``cosine``: per-record cross-entropy against the site's cosine classifier
+        (DP-valid, the default). ``protonet``: episodic prototypical loss, which couples
+        the records of an episode, so it is refused under DP.
+    local_steps : int
+        Optimiser steps per round at each site.
+    batch_size : int
+        Expected records per step. Under DP it sets the Poisson sampling rate.
+    ways : int, optional
+        Classes per step; ``null`` uses all of the site's classes.
+    lr, momentum : float
+        Local SGD settings.
+    augment : bool
+        Random flips and shifts, drawn per record.
+    shots, queries : int
+        Episode shape of the ``protonet`` loss.
+
+    """
+
+    loss: Literal["cosine", "protonet"] = "cosine"
+    local_steps: int = 20
+    batch_size: int = 32
+    ways: int | None = None
+    lr: float = 0.05
+    momentum: float = 0.9
+    augment: bool = True
+    shots: int = 5
+    queries: int = 10
+
+    def __post_init__(self) -> None:
+        check(self.local_steps >= 1, field="local_steps", expected="at least 1",
+              found=self.local_steps)
+        check(self.batch_size >= 1, field="batch_size", expected="at least 1",
+              found=self.batch_size)
+        check(self.ways is None or self.ways >= 2, field="ways", expected="at least 2 or null",
+              found=self.ways)
+        check(self.lr > 0, field="lr", expected="a positive number", found=self.lr)
+        check(0 <= self.momentum < 1, field="momentum", expected="a number in [0, 1)",
+              found=self.momentum)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """A site's differential-privacy settings. The site enforces them, not the server.
+
+    Attributes
+    ----------
+    enabled : bool
+        DP-SGD on (default). Turning it off is explicit and warned about at every start.
+    epsilon : float
+        The site's total budget; training stops before it would be exceeded.
+    delta : float, optional
+        δ of the guarantee; default ``min(1e-5, 1/(10 N))`` for N training records.
+    max_grad_norm : float
+        Per-record gradient clipping bound.
+    noise_multiplier : float, optional
+        Noise std / clip bound. ``null``: calibrated once so that the planned rounds
+        spend exactly the budget.
+    unit : {"image"}
+        The privacy unit: one image (record).
+
+    """
+
+    enabled: bool = True
+    epsilon: float = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    unit: Literal["image"] = "image"
+
+    def __post_init__(self) -> None:
+        check(self.epsilon > 0, field="epsilon", expected="a positive number", found=self.epsilon)
+        check(self.delta is None or 0 < self.delta < 1e-3, field="delta",
+              expected="a number in (0, 1e-3), well below 1/N", found=self.delta)
+        check(self.max_grad_norm > 0, field="max_grad_norm", expected="a positive number",
+              found=self.max_grad_norm)
+        check(self.noise_multiplier is None or self.noise_multiplier > 0,
+              field="noise_multiplier", expected="a positive number or null",
+              found=self.noise_multiplier)
+
+
+@dataclass(frozen=True)
+class MetaUpdateConfig:
+    """How the server turns site updates into a new global encoder.
+
+    Reptile / first-order FedMeta: ``theta += meta_lr * step(mean_i(theta_i) - theta)``,
+    where ``step`` is plain (``sgd``), heavy-ball momentum, or Adam on the
+    pseudo-gradient ``theta - mean_i(theta_i)``.
+    """
+
+    meta_lr: float = 1.0
+    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    momentum: float = 0.9
+    beta2: float = 0.99
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int | None = None
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        check(self.meta_lr > 0, field="meta_lr", expected="a positive number",
+              found=self.meta_lr)
+        check(0 < self.fraction_train <= 1, field="fraction_train",
+              expected="a number in (0, 1]", found=self.fraction_train)
+        check(0 <= self.fraction_evaluate <= 1, field="fraction_evaluate",
+              expected="a number in [0, 1]", found=self.fraction_evaluate)
+        check(self.min_sites is None or self.min_sites >= 1, field="min_sites",
+              expected="at least 1 (or null: 2, or 1 for a one-site federation)",
+              found=self.min_sites)
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """An N-way K-shot evaluation: episodes with disjoint support and query sets."""
+
+    ways: int = 3
+    shots: int = 5
+    queries: int = 10
+    episodes: int = 200
+    finetune_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.ways >= 2, field="ways", expected="at least 2", found=self.ways)
+        check(self.shots >= 1, field="shots", expected="at least 1", found=self.shots)
+        check(self.queries >= 1, field="queries", expected="at least 1", found=self.queries)
+        check(self.episodes >= 1, field="episodes", expected="at least 1", found=self.episodes)
+        check(self.finetune_steps >= 0, field="finetune_steps", expected="0 or more",
+              found=self.finetune_steps)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital of a simulated federation."""
+
+    name: str
+    data: DataConfig
+    val_fraction: float = 0.2
+    privacy: PrivacyConfig | None = None
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
+              field="name", expected="a site name without '/'", found=self.name)
+        check(0 < self.val_fraction < 0.9, field="val_fraction", expected="a number in (0, 0.9)",
+              found=self.val_fraction)
+
+
+@dataclass(frozen=True)
+class HeldOutConfig:
+    """The new site that adapts the meta-model after the federation (never trains in it)."""
+
+    name: str
+    data: DataConfig
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where site training runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    cpus_per_site: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.cpus_per_site > 0, field="cpus_per_site", expected="a positive number",
+              found=self.cpus_per_site)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A whole (simulated) federation: sites, method, privacy and the held-out site."""
+
+    sites: tuple[SiteConfig, ...]
+    kind: Literal["federation"] = "federation"
+    name: str = "federation"
+    description: str = ""
+    seed: int = 0
+    rounds: int = 10
+    image: ImageConfig = field(default_factory=ImageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: MetaUpdateConfig = field(default_factory=MetaUpdateConfig)
+    evaluation: FewShotConfig = field(default_factory=FewShotConfig)
+    held_out: HeldOutConfig | None = None
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        check(len(self.sites) >= 1, field="sites", expected="at least one site",
+              found=len(self.sites))
+        names = [s.name for s in self.sites]
+        duplicate = sorted({n for n in names if names.count(n) > 1})
+        check(not duplicate, field="sites", expected="distinct site names", found=duplicate)
+        check(self.rounds >= 1, field="rounds", expected="at least 1", found=self.rounds)
+        check(self.min_sites <= len(self.sites), field="server.min_sites",
+              expected=f"at most the number of sites ({len(self.sites)})",
+              found=self.min_sites)
+        if self.train.loss == "protonet":
+            privates = [s.name for s in self.sites if self.privacy_of(s).enabled]
+            check(not privates, field="train.loss",
+                  expected="'cosine' while DP is on (the prototypical loss couples the records "
+                  "of an episode, so per-record DP-SGD does not hold for it)",
+                  found=f"'protonet' with privacy enabled at {privates}")
+
+    @property
+    def min_sites(self) -> int:
+        """Fewest accepted updates per round (default: 2, or 1 with a single site)."""
+        return self.server.min_sites or min(2, len(self.sites))
+
+    def privacy_of(self, site: SiteConfig) -> PrivacyConfig:
+        """The site's own privacy settings, or the federation's default."""
+        return site.privacy or self.privacy
+
+    def hash(self) -> str:
+        """Fingerprint of everything but the round count (so a run can be extended)."""
+        data = asdict(self)
+        data.pop("rounds")
+        text = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_config(path: Path | str) -> FederationConfig:
+    """Load and validate a federation config file (relative paths resolved to the file)."""
+    path = Path(path)
+    raw = load_yaml_mapping(path)
+    config = build(FederationConfig, raw, source=str(path))
+    base = path.resolve().parent
+    sites = tuple(replace(s, data=with_resolved_path(s.data, base)) for s in config.sites)
+    held_out = config.held_out
+    if held_out is not None:
+        held_out = replace(held_out, data=with_resolved_path(held_out.data, base))
+    return replace(config, sites=sites, held_out=held_out)
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "FederationConfig",
+    "FewShotConfig",
+    "HeldOutConfig",
+    "ImageConfig",
+    "MetaUpdateConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PrivacyConfig",
+    "RuntimeConfig",
+    "SiteConfig",
+    "TrainConfig",
+    "load_config",
+    "resolve_path",
+    "with_resolved_path",
+]

@@ -1,0 +1,1 @@
+"""Site data: readers for every format, splits, harmonisation, the synthetic demo."""

@@ -1,0 +1,103 @@
+"""A folder of image files (usually DICOM) described by a CSV manifest.
+
+The manifest (``manifest.csv`` at the folder's root by default) has the columns
+``file,label,patient_id`` and optionally ``split``; ``file`` is relative to the folder
+and may not point outside it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path, PurePosixPath
+
+from medmeta_common.data.images import FramePolicy, read_image_file
+from medmeta_common.data.issues import IssueLog
+from medmeta_common.data.records import SPLITS, RawRecord, RawSite
+from medmeta_common.errors import DataError
+
+REQUIRED_COLUMNS = ("file", "label", "patient_id")
+
+
+def read_manifest_folder(
+    root: Path,
+    *,
+    manifest: str,
+    split: str | None,
+    classes: tuple[str, ...] | None,
+    frames: FramePolicy,
+    issues: IssueLog,
+) -> RawSite:
+    """Decode every file the manifest lists (of ``split``, when given)."""
+    rows = _read_rows(root / manifest)
+    has_split = rows and "split" in rows[0][1]
+    known = classes or tuple(sorted({row["label"] for _, row in rows if row["label"]}))
+    site = RawSite(root=str(root), format="manifest", classes=known)
+    for line, row in rows:
+        where = f"{manifest} line {line}"
+        rel = row["file"]
+        if not rel:
+            issues.report(where, "empty 'file' entry")
+            continue
+        record_split = (row.get("split") or "").strip().lower() if has_split else None
+        if has_split and record_split not in SPLITS:
+            issues.report(rel, f"{where}: split must be one of {', '.join(SPLITS)}; "
+                          f"found {row.get('split')!r}")
+            continue
+        if split is not None and record_split is not None and record_split != split:
+            continue
+        if row["label"] not in known:
+            issues.report(rel, f"{where}: label {row['label']!r} is not in the class list "
+                          f"{list(known)}")
+            continue
+        if not row["patient_id"]:
+            issues.report(rel, f"{where}: empty patient_id (needed to split by patient)")
+            continue
+        path = _inside(root, rel)
+        if path is None:
+            issues.report(rel, f"{where}: path leaves the site folder; give it relative to "
+                          f"{root}")
+            continue
+        try:
+            decoded = read_image_file(path, frames=frames, display_name=rel)
+        except DataError as exc:
+            issues.report_error(exc)
+            continue
+        label = known.index(row["label"])
+        for k, frame in enumerate(decoded.frames):
+            ref = rel if len(decoded.frames) == 1 else f"{rel}#frame{k}"
+            site.records.append(
+                RawRecord(frame, label, row["patient_id"], ref, decoded.modality, record_split)
+            )
+    return site
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    name = str(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise DataError(name, f"missing column(s) {', '.join(missing)}; the header must "
+                                f"name {', '.join(REQUIRED_COLUMNS)}[,split] (found {header})")
+            reader.fieldnames = header
+            rows = [
+                (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
+                for row in reader
+            ]
+    except FileNotFoundError:
+        raise DataError(name, "manifest not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(name, f"unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if not rows:
+        raise DataError(name, "manifest lists no files")
+    return rows
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` if it stays inside ``root``, else ``None``."""
+    pure = PurePosixPath(rel.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts:
+        return None
+    return root / pure

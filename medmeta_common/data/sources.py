@@ -1,0 +1,124 @@
+"""One entry point to read a site's data, whatever its format.
+
+``read_raw`` finds the format, decodes, and selects the split, classes and partition;
+``load_site`` also harmonises the images (see :mod:`.transforms`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from medmeta_common.config import SYNTHETIC_PREFIX, DataConfig, ImageConfig
+from medmeta_common.data.folders import class_folders, read_class_folders
+from medmeta_common.data.issues import IssueLog
+from medmeta_common.data.manifest import read_manifest_folder
+from medmeta_common.data.npz import read_npz
+from medmeta_common.data.records import RawSite, SiteData
+from medmeta_common.data.splits import partition_by_group, split_by_group
+from medmeta_common.data.synthetic import demo_site
+from medmeta_common.data.transforms import harmonise
+from medmeta_common.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def detect_format(path: Path, manifest: str = "manifest.csv") -> str:
+    """Name the layout of ``path``: ``npz``, ``manifest`` or ``class-folders``."""
+    if not path.exists():
+        raise DataError(str(path), "no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return "npz"
+        raise DataError(str(path), "a single file is not a site; give a .npz file, a folder "
+                        f"with {manifest}, or a folder of class sub-folders")
+    if (path / manifest).is_file():
+        return "manifest"
+    if class_folders(path):
+        return "class-folders"
+    raise DataError(str(path), f"found neither {manifest} nor class sub-folders; give a .npz "
+                    f"file, a folder with {manifest} (file,label,patient_id[,split]), or a folder "
+                    "with one sub-folder of images per class")
+
+
+def read_raw(data: DataConfig, issues: IssueLog | None = None) -> RawSite:
+    """Decode a site's records and select split, classes and partition.
+
+    Parameters
+    ----------
+    data : DataConfig
+        The site's data settings (path already resolved).
+    issues : IssueLog, optional
+        Where bad files go; defaults to one following ``data.policy``.
+
+    """
+    issues = issues or IssueLog(data.policy)
+    site = _decode(data, issues)
+    site = _select_split(site, data)
+    if data.classes is not None:
+        site = _select_classes(site, data.classes)
+    if data.partition is not None:
+        p = data.partition
+        keep = partition_by_group([r.group for r in site.records], p.parts, p.index, p.seed)
+        site = replace(site, records=[site.records[i] for i in keep])
+    site.issues = list(issues.issues)
+    return site
+
+
+def load_site(
+    data: DataConfig, image: ImageConfig, issues: IssueLog | None = None
+) -> SiteData:
+    """Read, select and harmonise a site's data; :class:`DataError` when nothing is usable."""
+    issues = issues or IssueLog(data.policy)
+    raw = read_raw(data, issues)
+    if not raw.records:
+        raise DataError(data.path, _empty_reason(raw, data))
+    return harmonise(raw, size=image.size, channels=image.channels,
+                     intensity=image.intensity, issues=issues)
+
+
+def _decode(data: DataConfig, issues: IssueLog) -> RawSite:
+    if data.path.startswith(SYNTHETIC_PREFIX):
+        name = data.path[len(SYNTHETIC_PREFIX):]
+        if not name.startswith("demo/"):
+            raise DataError(data.path, "unknown built-in data; use builtin:demo/site-0 ... site-3")
+        return demo_site(name.removeprefix("demo/"), seed=data.split_seed)
+    path = Path(data.path)
+    fmt = detect_format(path, data.manifest)
+    if fmt == "npz":
+        return read_npz(path, split=data.split, group_key=data.group_key)
+    if fmt == "manifest":
+        return read_manifest_folder(path, manifest=data.manifest, split=data.split,
+                                    classes=data.classes, frames=data.frames, issues=issues)
+    return read_class_folders(path, classes=data.classes, frames=data.frames, issues=issues)
+
+
+def _select_split(site: RawSite, data: DataConfig) -> RawSite:
+    """Keep ``data.split``: the source's own split if it has one, else a per-group split."""
+    if data.split is None:
+        return site
+    if site.records and all(r.split is not None for r in site.records):
+        kept = [r for r in site.records if r.split == data.split]
+    else:
+        names = split_by_group([r.group for r in site.records], seed=data.split_seed)
+        kept = [r for r, s in zip(site.records, names, strict=True) if s == data.split]
+    return replace(site, records=kept)
+
+
+def _select_classes(site: RawSite, classes: tuple[str, ...]) -> RawSite:
+    missing = [c for c in classes if c not in site.classes]
+    if missing:
+        raise DataError(site.root, f"class(es) {missing} not found; the source has "
+                        f"{list(site.classes)}")
+    new_index = {site.classes.index(c): i for i, c in enumerate(classes)}
+    kept = [replace(r, label=new_index[r.label]) for r in site.records if r.label in new_index]
+    return replace(site, classes=tuple(classes), records=kept)
+
+
+def _empty_reason(raw: RawSite, data: DataConfig) -> str:
+    if raw.issues:
+        return f"no usable images ({len(raw.issues)} bad file(s), first: {raw.issues[0].file}: " \
+               f"{raw.issues[0].reason})"
+    return f"no images in split {data.split!r}" if data.split else "no images found"
+
