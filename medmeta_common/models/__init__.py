@@ -1,0 +1,1 @@
+"""Models: the shared encoder (travels) and the site-local task heads (never leave a site)."""

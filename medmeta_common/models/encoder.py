@@ -1,0 +1,97 @@
+"""The shared image encoder: a DP-compatible convolutional network built from MONAI blocks.
+
+DP-SGD needs every layer's per-sample gradient to depend on that sample alone, so the
+encoder uses GroupNorm (never BatchNorm) and non-in-place ReLU (Opacus' hooks need
+the activation inputs intact). Each stage is ``convs_per_stage`` MONAI
+``Convolution`` blocks (conv 3x3 -> GroupNorm -> ReLU) and stages after the first
+start with a 2x2 max-pool, so stage outputs are at full, 1/2, 1/4... resolution
+(the skip connections a segmentation decoder needs). The embedding is the spatial
+mean of the last stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to rebuild an encoder (stored in every checkpoint)."""
+
+    in_channels: int
+    widths: tuple[int, ...]
+    convs_per_stage: int
+    norm_groups: int
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding vector."""
+        return self.widths[-1]
+
+
+PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
+    # ~0.15 M parameters: fast on 2 CPU cores, and few parameters suit DP-SGD.
+    "small": ((32, 64, 64, 128), 1),
+    # ~4.7 M parameters, two convolutions per stage: for GPU sites.
+    "large": ((64, 128, 256, 512), 2),
+}
+
+
+class Encoder(nn.Module):
+    """Convolutional encoder; ``forward`` returns ``(B, embedding_dim)`` embeddings."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        stages: list[nn.Module] = []
+        channels = spec.in_channels
+        for index, width in enumerate(spec.widths):
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if index > 0 else []
+            for _ in range(spec.convs_per_stage):
+                layers.append(
+                    Convolution(
+                        spatial_dims=2,
+                        in_channels=channels,
+                        out_channels=width,
+                        kernel_size=3,
+                        act=("relu", {"inplace": False}),
+                        norm=("group", {"num_groups": _groups(spec.norm_groups, width)}),
+                        bias=False,
+                    )
+                )
+                channels = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding vector."""
+        return self.spec.embedding_dim
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Output of every stage, highest resolution first."""
+        outputs = []
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(B, D)``: the spatial mean of the last stage."""
+        x = images
+        for stage in self.stages:
+            x = stage(x)
+        return x.mean(dim=(2, 3))
+
+
+def _groups(wanted: int, channels: int) -> int:
+    """The largest group count <= ``wanted`` that divides ``channels``."""
+    for groups in range(min(wanted, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1

@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, the persistent per-site ledger, and Opacus wiring."""

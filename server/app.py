@@ -1,0 +1,133 @@
+"""The aggregation server: a Flower ServerApp running the meta-learning strategy.
+
+It starts from a fresh encoder (or the newest checkpoint when resuming), runs the
+remaining rounds with :class:`server.strategy.MetaStrategy` on Flower's own round
+loop, and after every round writes an atomic checkpoint and a metrics line.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from medmeta_common.checkpoint import checkpoint_payload
+from medmeta_common.config import FederationConfig
+from medmeta_common.models.factory import build_encoder
+from medmeta_common.wire import flatten, layout_of, numpy_to_arrays, to_config_record
+from server.abortable_grid import AbortableGrid
+from server.meta_update import MetaOptimizer
+from server.plots import write_plots, write_rounds_csv
+from server.state import RunState
+from server.strategy import MetaStrategy
+
+log = logging.getLogger("medmeta.server")
+
+
+def settings_record(config: FederationConfig) -> ConfigRecord:
+    """The settings every site needs each round, as flat typed entries."""
+    entries: dict[str, Any] = {}
+    for prefix in ("image", "model", "train", "evaluation"):
+        entries.update(flatten(getattr(config, prefix), prefix))
+    entries.update({"planned-rounds": config.rounds, "seed": config.seed})
+    return to_config_record(entries)
+
+
+class RunRecorder:
+    """Writes the checkpoint and metrics of each round, and logs progress."""
+
+    def __init__(self, state: RunState, config: FederationConfig,
+                 meta_optimizer: MetaOptimizer) -> None:
+        self.state = state
+        self.config = config
+        self.meta_optimizer = meta_optimizer
+
+    def train_done(self, round_number: int, encoder: dict[str, np.ndarray],
+                   record: dict[str, Any]) -> None:
+        """Metrics line first, then the checkpoint (a crash in between re-runs the round)."""
+        self.state.append_metrics(record)
+        payload = checkpoint_payload(
+            round_number=round_number, encoder_state=encoder,
+            image=asdict(self.config.image), model=asdict(self.config.model),
+            config_hash=self.config.hash(), federation=self.config.name,
+            server_optimizer=self.meta_optimizer.state_dict())
+        self.state.save_checkpoint(round_number, payload)
+        sites = record["sites"]
+        epsilons = [m["epsilon"] for m in sites.values() if isinstance(m.get("epsilon"), float)]
+        others = {s: m["status"] for s, m in sites.items() if m["status"] != "accepted"}
+        log.info("round %d/%d: %d/%d site update(s) accepted%s%s (%.1f s)", round_number,
+                 self.config.rounds, record["accepted"], len(sites),
+                 f", max epsilon {max(epsilons):.2f}" if epsilons else "",
+                 f", {others}" if others else "", record["seconds"])
+
+    def evaluate_done(self, round_number: int, record: dict[str, Any]) -> None:
+        """Append the evaluation line and log the mean accuracy."""
+        self.state.append_metrics(record)
+        if record["accuracy_mean"] is not None:
+            per_site = ", ".join(f"{s} {m['accuracy']:.3f}" for s, m in record["sites"].items()
+                                 if "accuracy" in m)
+            log.info("round %d/%d: few-shot validation accuracy %.3f (%s)", round_number,
+                     self.config.rounds, record["accuracy_mean"], per_site)
+
+
+def run_federation(grid: Grid, config: FederationConfig, out_dir: Path, *, resume: bool,
+                   abort: threading.Event | None = None) -> int:
+    """Run (or resume) the federation on ``grid``; return the last round done.
+
+    With ``abort``, every wait for replies ends as soon as the event is set.
+    """
+    if abort is not None:
+        grid = AbortableGrid(grid, abort)  # type: ignore[assignment]
+    random.seed(config.seed)  # Flower samples sites with the `random` module
+    state = RunState(out_dir)
+    encoder = build_encoder(config.model, config.image, config.seed)
+    initial = {k: v.numpy() for k, v in encoder.state_dict().items()}
+    offset, optimizer_state = 0, {}
+    if resume:
+        latest = state.check_resumable(config.hash())
+        initial = {k: v.numpy() for k, v in latest["encoder"].items()}
+        offset, optimizer_state = int(latest["round"]), latest["server_optimizer"]
+        state.drop_metrics_after(offset)
+        log.info("resuming after round %d from %s", offset, state.checkpoint_dir)
+    remaining = config.rounds - offset
+    if remaining <= 0:
+        log.info("all %d rounds are already done; nothing to train", config.rounds)
+        return offset
+    meta_optimizer = MetaOptimizer(config.server, initial)
+    meta_optimizer.load_state_dict(optimizer_state)
+    strategy = MetaStrategy(
+        meta_optimizer=meta_optimizer,
+        layout=layout_of(encoder),
+        min_sites=config.min_sites,
+        round_offset=offset,
+        recorder=RunRecorder(state, config, meta_optimizer),
+        fraction_train=config.server.fraction_train,
+        fraction_evaluate=config.server.fraction_evaluate,
+    )
+    settings = settings_record(config)
+    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(initial), num_rounds=remaining,
+                   timeout=config.server.round_timeout, train_config=settings,
+                   evaluate_config=ConfigRecord(dict(settings)))
+    records = state.read_metrics()
+    write_rounds_csv(records, out_dir / "rounds.csv")
+    write_plots(records, out_dir)
+    return config.rounds
+
+
+def make_server_app(config: FederationConfig, out_dir: Path, *, resume: bool,
+                    abort: threading.Event | None = None) -> ServerApp:
+    """A ServerApp that runs ``config`` and writes to ``out_dir``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config, out_dir, resume=resume, abort=abort)
+
+    return app

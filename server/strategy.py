@@ -1,0 +1,229 @@
+"""The meta-learning strategy: Flower's FedAvg round loop with a meta-update in its hooks.
+
+Flower's ``Strategy.start`` owns the round loop; we only override hooks:
+
+- ``configure_train`` / ``configure_evaluate`` remember the current global encoder,
+  learn the names of newly connected sites, and stamp the global round number (a
+  resumed run continues counting).
+- ``aggregate_train`` checks every reply (an error, a refusal, or a malformed update
+  is logged with the site's name and left out), takes the weighted mean of the
+  accepted encoders, applies the meta-update, and writes a checkpoint and a metrics
+  line before the next round starts.
+- ``aggregate_evaluate`` logs the sites' few-shot validation accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from medmeta_common.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVALUATE_METRICS,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    TRAIN_METRICS,
+    arrays_to_numpy,
+    check_update,
+    finite_float,
+    numpy_to_arrays,
+)
+from server.aggregation import weighted_mean
+from server.meta_update import MetaOptimizer
+
+log = logging.getLogger(__name__)
+
+Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+class RoundRecorder(Protocol):
+    """Where the strategy reports each round (checkpoints, metrics, progress)."""
+
+    def train_done(self, round_number: int, encoder: dict[str, np.ndarray],
+                   record: dict[str, Any]) -> None:
+        """After aggregation: the new global encoder and the round's train record."""
+
+    def evaluate_done(self, round_number: int, record: dict[str, Any]) -> None:
+        """After federated evaluation: the round's evaluation record."""
+
+
+class MetaStrategy(FedAvg):
+    """Reptile / first-order FedMeta on Flower's round loop.
+
+    Parameters
+    ----------
+    meta_optimizer : MetaOptimizer
+        Applies the meta-update (and holds its state for checkpoints).
+    layout : dict
+        Expected ``name -> (shape, dtype)`` of an encoder update.
+    min_sites : int
+        Fewest accepted updates for a meta-update; below it the encoder is kept.
+    round_offset : int
+        Rounds already done (a resumed run): Flower's round 1 is global round
+        ``round_offset + 1``.
+    recorder : RoundRecorder
+        Told about every round, to write checkpoints and metrics.
+    fraction_train, fraction_evaluate : float
+        Fractions of connected sites asked to train / evaluate each round.
+    query_timeout : float
+        Seconds to wait for a new site to say its name.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        meta_optimizer: MetaOptimizer,
+        layout: Layout,
+        min_sites: int,
+        round_offset: int,
+        recorder: RoundRecorder,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        query_timeout: float = 120.0,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
+            min_available_nodes=min_sites,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
+        self.meta_optimizer = meta_optimizer
+        self.layout = layout
+        self.min_sites = min_sites
+        self.round_offset = round_offset
+        self.recorder = recorder
+        self.query_timeout = query_timeout
+        self.site_names: dict[int, str] = {}
+        self._current: dict[str, np.ndarray] | None = None
+        self._round_started = time.monotonic()
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def site_name(self, node_id: int) -> str:
+        """The name a site gave, or its node id."""
+        return self.site_names.get(node_id, f"node-{node_id}")
+
+    def _learn_site_names(self, grid: Grid) -> None:
+        unknown = [n for n in grid.get_node_ids() if n not in self.site_names]
+        if not unknown:
+            return
+        questions = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                     for n in unknown]
+        for reply in grid.send_and_receive(questions, timeout=self.query_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not say its site name: %s", node, reply.error.reason)
+                continue
+            record = reply.content.config_records.get("site")
+            name = record.get("name") if record else None
+            if isinstance(name, str) and name:
+                self.site_names[node] = name
+
+    def _global_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    # --- Strategy hooks ----------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Remember the global encoder and ask a sample of sites to train."""
+        self._round_started = time.monotonic()
+        self._current = arrays_to_numpy(arrays)
+        self._learn_site_names(grid)
+        return super().configure_train(self._global_round(server_round), arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Ask a sample of sites for few-shot validation accuracy."""
+        return super().configure_evaluate(self._global_round(server_round), arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check replies, meta-update the encoder, checkpoint; see the module docstring."""
+        round_number = self._global_round(server_round)
+        assert self._current is not None, "configure_train runs before aggregate_train"
+        accepted: list[tuple[str, dict[str, np.ndarray], float]] = []
+        sites: dict[str, dict[str, Any]] = {}
+        for reply in replies:
+            name = self.site_name(reply.metadata.src_node_id)
+            verdict, metrics, arrays = self._judge_train_reply(reply)
+            sites[name] = {"status": verdict, **metrics}
+            if verdict == "accepted" and arrays is not None:
+                accepted.append((name, arrays, float(metrics[NUM_EXAMPLES])))
+        record: dict[str, Any] = {"round": round_number, "phase": "train", "sites": sites,
+                                  "accepted": len(accepted)}
+        if len(accepted) >= self.min_sites:
+            mean = weighted_mean([a for _, a, _ in accepted], [w for _, _, w in accepted])
+            new = self.meta_optimizer.step(self._current, mean)
+            record["update_norm"] = float(np.sqrt(sum(
+                np.sum((new[k].astype(np.float64) - self._current[k]) ** 2) for k in new)))
+        else:
+            log.warning("round %d: %d accepted update(s), fewer than min_sites=%d; the global "
+                        "encoder is kept", round_number, len(accepted), self.min_sites)
+            new = self._current
+        record["seconds"] = round(time.monotonic() - self._round_started, 3)
+        self.recorder.train_done(round_number, new, record)
+        summary = MetricRecord({"accepted-sites": len(accepted)})
+        return numpy_to_arrays(new), summary
+
+    def _judge_train_reply(self, reply: Message
+                           ) -> tuple[str, dict[str, Any], dict[str, np.ndarray] | None]:
+        name = self.site_name(reply.metadata.src_node_id)
+        if reply.has_error():
+            log.warning("round update from site %s failed: %s", name, reply.error.reason)
+            return "failed", {"reason": str(reply.error.reason)[:300]}, None
+        content = reply.content
+        metric_record = content.metric_records.get(METRICS_KEY)
+        metrics = {k: v for k, v in (metric_record or {}).items() if k in TRAIN_METRICS}
+        if metric_record is None or set(metric_record) - TRAIN_METRICS:
+            extra = sorted(set(metric_record or {}) - TRAIN_METRICS)
+            log.warning("rejected update from site %s: unexpected metrics %s", name, extra)
+            return "rejected", {"reason": f"unexpected metrics {extra}"}, None
+        if metrics.get("refused"):
+            log.info("site %s refused to train: its privacy budget is spent "
+                     "(epsilon %.3f)", name, float(metrics.get("epsilon", float("nan"))))
+            return "refused", metrics, None
+        weight = finite_float(metrics.get(NUM_EXAMPLES))
+        if weight is None or weight <= 0:
+            log.warning("rejected update from site %s: bad record count %r", name,
+                        metrics.get(NUM_EXAMPLES))
+            return "rejected", {"reason": "bad record count"}, None
+        if set(content.array_records) != {ARRAYS_KEY} or content.config_records:
+            log.warning("rejected update from site %s: unexpected records in the reply", name)
+            return "rejected", {"reason": "unexpected records"}, None
+        arrays = arrays_to_numpy(content.array_records[ARRAYS_KEY])
+        problem = check_update(arrays, self.layout)
+        if problem:
+            log.warning("rejected update from site %s: %s", name, problem)
+            return "rejected", {"reason": problem}, None
+        return "accepted", metrics, arrays
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Collect per-site few-shot validation accuracy."""
+        round_number = self._global_round(server_round)
+        sites: dict[str, dict[str, Any]] = {}
+        for reply in replies:
+            name = self.site_name(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("evaluation at site %s failed: %s", name, reply.error.reason)
+                continue
+            record = reply.content.metric_records.get(METRICS_KEY) or {}
+            sites[name] = {k: v for k, v in record.items() if k in EVALUATE_METRICS}
+        scored = {n: m for n, m in sites.items() if "accuracy" in m}
+        mean = float(np.mean([m["accuracy"] for m in scored.values()])) if scored else None
+        self.recorder.evaluate_done(round_number, {"round": round_number, "phase": "evaluate",
+                                                   "sites": sites, "accuracy_mean": mean})
+        return MetricRecord({"accuracy": mean}) if mean is not None else None
