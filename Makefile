@@ -1,0 +1,34 @@
+# Two commands a new user needs: `make simulate` and `make test`.
+# Each creates (or reuses) a virtual environment in .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch; a GPU machine sets TORCH_SPEC to the CUDA build it wants,
+# or installs torch into the venv first (an installed torch is kept).
+TORCH_SPEC ?= torch==2.13.0
+export FLWR_TELEMETRY_ENABLED ?= 0
+export FLWR_DISABLE_UPDATE_CHECK ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup simulate test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+simulate: setup
+	$(BIN)/medmeta simulate --out runs/demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
