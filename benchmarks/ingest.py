@@ -23,10 +23,10 @@ from pydicom.data import get_testdata_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmeta_common.config import DataConfig, ImageConfig  # noqa: E402
-from medmeta_common.data.dicom import read_dicom  # noqa: E402
-from medmeta_common.data.sources import load_site  # noqa: E402
-from tests.dicom_factory import write_dicom_site  # noqa: E402
+from medmeta_common.config import DataConfig, ImageConfig
+from medmeta_common.data.dicom import read_dicom
+from medmeta_common.data.sources import load_site
+from tests.dicom_factory import write_dicom_site
 
 COMPRESSED = {
     "JPEG 2000 (lossless)": "MR_small_jp2klossless.dcm",
@@ -36,7 +36,7 @@ COMPRESSED = {
 }
 
 
-def rate(paths: list[Path], fn) -> float:  # noqa: ANN001
+def rate(paths: list[Path], fn) -> float:
     start = time.perf_counter()
     for path in paths:
         fn(path)

@@ -90,7 +90,7 @@ class Classifier:
         with torch.no_grad():
             logits = self.model.head(self.model.encoder(torch.from_numpy(site.images[keep])))
         predicted = logits.argmax(1).numpy()
-        return {"accuracy": float((predicted == truth).mean()), "images": int(len(keep))}
+        return {"accuracy": float((predicted == truth).mean()), "images": len(keep)}
 
     def save(self, folder: PathLike) -> Path:
         """Write the model for ``medmeta predict --model``."""

@@ -33,7 +33,7 @@ def dicom_site(tmp_path: Path, brain_npz: Path) -> tuple[Path, np.ndarray, np.nd
     return root, images, labels, classes
 
 
-def test_ingest_returns_the_same_pixels_labels_and_patients(dicom_site) -> None:  # noqa: ANN001
+def test_ingest_returns_the_same_pixels_labels_and_patients(dicom_site) -> None:
     root, images, labels, classes = dicom_site
     site = read_raw(DataConfig(path=str(root), split=None, policy="strict"))
     assert site.format == "manifest" and not site.issues
@@ -48,7 +48,7 @@ def test_ingest_returns_the_same_pixels_labels_and_patients(dicom_site) -> None:
     assert len({r.group for r in site.records}) == len(images) // 3
 
 
-def test_dicom_splits_keep_patients_together(dicom_site) -> None:  # noqa: ANN001
+def test_dicom_splits_keep_patients_together(dicom_site) -> None:
     root = dicom_site[0]
     groups = {s: {r.group for r in read_raw(DataConfig(path=str(root), split=s)).records}
               for s in ("train", "val", "test")}
@@ -57,7 +57,7 @@ def test_dicom_splits_keep_patients_together(dicom_site) -> None:  # noqa: ANN00
     assert sum(len(g) for g in groups.values()) == 16
 
 
-def test_harmonised_site_matches_config(dicom_site) -> None:  # noqa: ANN001
+def test_harmonised_site_matches_config(dicom_site) -> None:
     site = load_site(DataConfig(path=str(dicom_site[0]), split=None), ImageConfig(size=32))
     assert site.images.shape == (4 * PER_CLASS, 1, 32, 32)
 
@@ -77,7 +77,7 @@ def corrupt(root: Path) -> list[str]:
         "P999/missing.dcm", files[1].relative_to(root).as_posix()]
 
 
-def test_lenient_names_each_bad_file_and_carries_on(dicom_site) -> None:  # noqa: ANN001
+def test_lenient_names_each_bad_file_and_carries_on(dicom_site) -> None:
     root = dicom_site[0]
     bad = corrupt(root)
     classes = ",".join(dicom_site[3])
@@ -94,7 +94,7 @@ def test_lenient_names_each_bad_file_and_carries_on(dicom_site) -> None:  # noqa
     assert "Traceback" not in result.stderr
 
 
-def test_strict_fails_at_the_first_bad_file(dicom_site) -> None:  # noqa: ANN001
+def test_strict_fails_at_the_first_bad_file(dicom_site) -> None:
     root = dicom_site[0]
     bad = corrupt(root)
     with pytest.raises(DataError) as info:
@@ -108,7 +108,7 @@ def test_strict_fails_at_the_first_bad_file(dicom_site) -> None:  # noqa: ANN001
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_inspect_output_has_no_identifying_fields(dicom_site) -> None:  # noqa: ANN001
+def test_inspect_output_has_no_identifying_fields(dicom_site) -> None:
     root = dicom_site[0]
     corrupt(root)
     import pydicom
@@ -125,7 +125,7 @@ def test_inspect_output_has_no_identifying_fields(dicom_site) -> None:  # noqa: 
             assert secret not in result.stderr, secret
 
 
-def test_manifest_errors(tmp_path: Path, dicom_site) -> None:  # noqa: ANN001
+def test_manifest_errors(tmp_path: Path, dicom_site) -> None:
     root = dicom_site[0]
     (root / "manifest.csv").write_text("path,label\nx.dcm,a\n")
     with pytest.raises(DataError, match="missing column"):

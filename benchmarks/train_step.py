@@ -1,0 +1,82 @@
+"""Cost of one local training step: DP-SGD (Opacus) beside the same step without DP.
+
+Both are timed in the same process on the same batches of the same model:
+
+    python benchmarks/train_step.py                         # small encoder, CPU
+    python benchmarks/train_step.py --device cuda --amp     # on a GPU, bf16 autocast
+    python benchmarks/train_step.py --preset large --batch 256 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.train import DPSettings, train_cosine
+from medmeta_common.config import ImageConfig, ModelConfig, TrainConfig
+from medmeta_common.data.records import SiteData
+from medmeta_common.models.factory import build_encoder
+from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+
+
+def site(n: int, size: int, classes: int) -> SiteData:
+    rng = np.random.default_rng(0)
+    return SiteData(images=rng.standard_normal((n, 1, size, size)).astype(np.float32),
+                    labels=rng.integers(0, classes, n), classes=tuple(map(str, range(classes))),
+                    groups=np.arange(n).astype(str), refs=tuple(map(str, range(n))))
+
+
+def timed(data: SiteData, args: argparse.Namespace, dp: DPSettings | None) -> float:
+    image = ImageConfig(size=args.size)
+    encoder = build_encoder(ModelConfig(preset=args.preset), image, seed=0)
+    model = EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, len(data.classes)))
+    rate = args.batch / len(data)
+    train = TrainConfig(local_steps=args.steps, batch_size=args.batch, augment=False)
+    device = torch.device(args.device)
+    warm = TrainConfig(local_steps=3, batch_size=args.batch, augment=False)
+    train_cosine(model, data, warm, dp=dp, sample_rate=rate, seed=1, device=device, amp=args.amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_cosine(model, data, train, dp=dp, sample_rate=rate, seed=2, device=device, amp=args.amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / args.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--preset", default="small", choices=("small", "large"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = site(max(4000, args.batch * 20), args.size, 5)
+    plain = timed(data, args, None)
+    private = timed(data, args, DPSettings(noise_multiplier=1.0, sample_rate=args.batch / len(data),
+                                           max_grad_norm=1.0))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(f"# train step: {args.preset} encoder, {args.size}x{args.size}, expected batch "
+          f"{args.batch}, {args.device} ({name}), amp={args.amp}, torch {torch.__version__}, "
+          f"threads={torch.get_num_threads()}")
+    print(f"non-private step  {1000 * plain:8.1f} ms   {args.batch / plain:9.0f} images/s"
+          "  (baseline)")
+    print(f"DP-SGD step       {1000 * private:8.1f} ms   {args.batch / private:9.0f} images/s")
+    print(f"DP / non-private  {private / plain:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
