@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -364,6 +367,48 @@ def test_is_dicom_file(tmp_path: Path) -> None:
     for name in ("empty", "short", "text", "missing"):
         assert not is_dicom_file(tmp_path / name)
     assert not is_dicom_file(tmp_path)  # a folder
+
+
+# Read in a child process with a memory cap and a time limit, so that a regression
+# (a decoder allocating without bound, or looping forever) fails instead of killing pytest.
+_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from medmeta_common.data.dicom import read_dicom
+from medmeta_common.errors import DataError
+try:
+    read_dicom(sys.argv[1])
+except DataError as err:
+    print("DataError:", err.reason)
+"""
+
+
+def _read_in_child(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_jpeg_ls_frame_of_height_zero_is_rejected_before_decoding(tmp_path: Path) -> None:
+    # found by fuzzing: libjpeg allocates without bound on a JPEG-LS SOF height of 0
+    data = data_file("MR_small_jpeg_ls_lossless.dcm").read_bytes()
+    sof = b"\xff\xf7\x00\x0b\x10\x00\x40\x00\x40"  # SOF55, 16 bits, 64 x 64
+    assert data.count(sof) == 1
+    path = tmp_path / "height0.dcm"
+    path.write_bytes(data.replace(sof, sof[:5] + b"\x00\x00" + sof[7:]))
+    assert "size does not match Rows/Columns" in _read_in_child(path)
+
+
+def test_jp2_without_codestream_box_does_not_hang(tmp_path: Path) -> None:
+    # found by fuzzing: pydicom's JP2 box walk loops forever when 'jp2c' is damaged
+    data = data_file("GDCMJ2K_TextGBR.dcm").read_bytes()
+    assert data.count(b"jp2c") == 1
+    path = tmp_path / "nojp2c.dcm"
+    path.write_bytes(data.replace(b"jp2c", b"jn2c"))
+    assert "DataError: corrupt pixel data" in _read_in_child(path)
 
 
 # --- fuzz -----------------------------------------------------------------------------

@@ -235,12 +235,17 @@ def _read_dataset(path: Path, name: str) -> Dataset:
 
 def _to_image(ds: Dataset, multiframe: str, name: str, size: int) -> DicomImage:
     """Validate the image attributes, decode, and apply the display pipeline."""
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise DataError(name, "float pixel data (e.g. a parametric map) is not supported")
         if _cut_short(ds, size):
             raise DataError(name, "truncated DICOM: the file ends early")
         if _is_image_class(ds):
             raise DataError(name, "no pixel data in an image object (truncated or incomplete file)")
-        raise DataError(name, "no pixel data (e.g. a DICOMDIR or structured report)")
+        raise DataError(
+            name, "no pixel data (e.g. a DICOMDIR, structured report or truncated file)"
+        )
+    syntax = _transfer_syntax(ds, name)
     missing = [k for k in _REQUIRED if ds.get(k) in (None, "")]
     if missing:
         raise DataError(name, f"missing image attribute(s): {', '.join(missing)}")
@@ -255,7 +260,6 @@ def _to_image(ds: Dataset, multiframe: str, name: str, size: int) -> DicomImage:
     n_frames = int(get_nr_frames(ds, warn=False))
     if n_frames <= 0:
         raise DataError(name, "invalid number of frames")
-    syntax = _transfer_syntax(ds, name)
 
     frame_shape = (rows, cols) if spp == 1 else (rows, cols, spp)
     failed = ("corrupt pixel data, or a variant the installed decoders do not support"
@@ -320,11 +324,13 @@ def _check_codestreams(
     for frame in frames:
         coded = _coded_size(frame)
         if coded is not None and coded != size:
-            raise DataError(name, "compressed frame size does not match Rows/Columns")
+            raise DataError(name, "corrupt compressed frame: its size does not match Rows/Columns")
 
 
 def _coded_size(frame: bytes) -> tuple[int, int] | None:
     """Return (rows, columns) from a JPEG, JPEG-LS or JPEG 2000 header; None if not found."""
+    if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # JP2 file format: find the codestream box
+        frame = _jp2_codestream(frame)
     if frame[:4] == b"\xff\x4f\xff\x51":  # J2K codestream: SOC then SIZ
         width, height, x0, y0 = struct.unpack(">4I", frame[8:24])
         return height - y0, width - x0
@@ -338,11 +344,29 @@ def _coded_size(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _jp2_codestream(frame: bytes) -> bytes:
+    """Return the 'jp2c' box of a JP2 file; raise ValueError if the boxes are broken.
+
+    pydicom walks these boxes too and loops forever on some broken lengths.
+    """
+    pos = 0
+    while pos + 8 <= len(frame):
+        length = int.from_bytes(frame[pos : pos + 4], "big")
+        kind = frame[pos + 4 : pos + 8]
+        if kind == b"jp2c" and length != 1:
+            return frame[pos + 8 : pos + length if length else len(frame)]
+        if length < 8:  # 0 (to end of file) or 1 (64-bit length) before the codestream
+            break
+        pos += length
+    raise ValueError("JP2 wrapper without a valid codestream box")
+
+
 def _is_image_class(ds: Dataset) -> bool:
     """Tell whether the SOP class (from the file meta or the data set) is an image storage."""
     meta = getattr(ds, "file_meta", None) or {}
     uid = meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
-    return uid is not None and "Image Storage" in UID(str(uid)).name
+    kind = UID(str(uid)).name if uid is not None else ""
+    return "Image Storage" in kind or kind == "RT Dose Storage"
 
 
 def _transfer_syntax(ds: Dataset, name: str) -> UID:
@@ -350,7 +374,7 @@ def _transfer_syntax(ds: Dataset, name: str) -> UID:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is None:
-        if "PixelData" not in ds or ds["PixelData"].is_undefined_length:
+        if ds["PixelData"].is_undefined_length:
             raise DataError(name, "compressed pixel data but no transfer syntax in the file")
         implicit, little = ds.original_encoding
         syntax = (ImplicitVRLittleEndian if implicit else
