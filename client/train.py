@@ -23,6 +23,7 @@ couples records; it is for non-private runs only (the config refuses it under DP
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,6 +117,9 @@ def train_cosine(
     if dp is not None:
         # Per-record gradients of a summed loss; DPOptimizer clips each, sums, adds noise
         # and divides by the *expected* batch size (fixed, as Poisson sampling requires).
+        # The input images need no gradient, which torch's full backward hooks (used by
+        # Opacus) warn about at every step; the warning is expected and says nothing.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         trained = GradSampleModule(model, loss_reduction="sum")
         optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
                                 max_grad_norm=dp.max_grad_norm,
