@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# Each run gets its own folder: an earlier run is never overwritten.
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 simulate: setup
-	$(BIN)/medmeta simulate --out runs/demo
+	$(BIN)/medmeta simulate --out $(RUN_DIR)
 
 test: setup
 	$(BIN)/ruff check .

@@ -29,9 +29,11 @@ from medmeta_common.data.sources import load_site
 from tests.dicom_factory import write_dicom_site
 
 COMPRESSED = {
-    "JPEG 2000 (lossless)": "MR_small_jp2klossless.dcm",
-    "JPEG lossless": "JPEGLosslessP14SV1_1s_1f_8b.dcm",
-    "RLE": "MR_small_RLE.dcm",
+    "JPEG 2000 lossless (MR 64x64)": "MR_small_jp2klossless.dcm",
+    "JPEG-LS lossless (MR 64x64)": "MR_small_jpeg_ls_lossless.dcm",
+    "JPEG baseline (RGB 100x100)": "SC_rgb_jpeg_dcmtk.dcm",
+    "JPEG 2000 (NM 1024x256)": "JPEG2000.dcm",
+    "RLE (MR 64x64)": "MR_small_RLE.dcm",
     "uncompressed CT 128x128": "CT_small.dcm",
 }
 
@@ -52,13 +54,13 @@ def main() -> None:
     copies = 400 if args.full else 100
     print(f"# ingest benchmark  python {platform.python_version()}  {platform.machine()}  "
           f"cpus={__import__('os').cpu_count()}")
-    print(f"{'files':<28} {'n':>5} {'pydicom bare':>14} {'medmeta decode':>15} {'ratio':>6}")
+    print(f"{'files':<30} {'n':>5} {'pydicom bare':>14} {'medmeta decode':>15} {'ratio':>6}")
     work = Path(tempfile.mkdtemp(prefix="medmeta-ingest-"))
     try:
         for label, name in COMPRESSED.items():
             source = get_testdata_file(name)
             if source is None:
-                print(f"{label:<28} (test file {name} not installed)")
+                print(f"{label:<30} (test file {name} not installed)")
                 continue
             paths = []
             for i in range(copies):
@@ -68,7 +70,7 @@ def main() -> None:
                 paths.append(path)
             bare = rate(paths, lambda p: pydicom.dcmread(p).pixel_array)
             ours = rate(paths, lambda p: read_dicom(p))
-            print(f"{label:<28} {copies:>5} {bare:>11.0f}/s {ours:>12.0f}/s {ours / bare:>6.2f}")
+            print(f"{label:<30} {copies:>5} {bare:>11.0f}/s {ours:>12.0f}/s {ours / bare:>6.2f}")
 
         brain = args.data / "brain_tumor_mri" / "brain_tumor_mri_64.npz"
         if brain.exists():

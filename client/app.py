@@ -88,13 +88,28 @@ def _global_encoder(msg: Message, settings: RoundSettings) -> Encoder:
     return encoder
 
 
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A round's result at a site: the trained encoder (``None`` if refused) and metrics."""
+
+    encoder: Encoder | None
+    metrics: dict[str, float | int]
+
+
 def handle_train(msg: Message, site: SiteRuntime) -> Message:
     """One round of local training; see the module docstring for what is returned."""
-    torch.set_num_threads(site.threads)
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
-    splits = site_splits(site, settings.image, settings.seed)
-    data = splits.train
-    encoder = _global_encoder(msg, settings)
+    outcome = train_round(site, settings, _global_encoder(msg, settings))
+    records = RecordDict({METRICS_KEY: MetricRecord(outcome.metrics)})
+    if outcome.encoder is not None:
+        records[ARRAYS_KEY] = encoder_to_arrays(outcome.encoder)
+    return Message(records, reply_to=msg)
+
+
+def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) -> TrainOutcome:
+    """Train the global ``encoder`` locally for one round (DP unless the site turned it off)."""
+    torch.set_num_threads(site.threads)
+    data = site_splits(site, settings.image, settings.seed).train
     head = load_head(site, data.classes, encoder.embedding_dim, settings.model.cosine_scale,
                      settings.seed)
     model = EncoderWithHead(encoder, head)
@@ -139,7 +154,7 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
                             site.privacy.epsilon)
                 metrics.update({NUM_EXAMPLES: 0, "refused": 1, "epsilon": ledger.epsilon,
                                 "steps": ledger.steps})
-                return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+                return TrainOutcome(None, metrics)
             dp = DPSettings(sigma, rate, site.privacy.max_grad_norm)
             stats = train_cosine(model, data, settings.train, dp=dp, sample_rate=rate,
                                  seed=round_seed, device=device, amp=site.amp)
@@ -149,17 +164,21 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
                             "round-steps": stats.steps})
     save_head(site, head, data.classes)
     metrics["refused"] = 0
-    reply = RecordDict({ARRAYS_KEY: encoder_to_arrays(model.encoder),
-                        METRICS_KEY: MetricRecord(metrics)})
-    return Message(reply, reply_to=msg)
+    return TrainOutcome(model.encoder, metrics)
 
 
 def handle_evaluate(msg: Message, site: SiteRuntime) -> Message:
     """Few-shot accuracy of the global encoder on this site's validation split."""
-    torch.set_num_threads(site.threads)
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
+    metrics = evaluate_round(site, settings, _global_encoder(msg, settings))
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def evaluate_round(site: SiteRuntime, settings: RoundSettings,
+                   encoder: Encoder) -> dict[str, float | int]:
+    """Few-shot metrics of ``encoder`` on the site's validation patients."""
+    torch.set_num_threads(site.threads)
     val = site_splits(site, settings.image, settings.seed).val
-    encoder = _global_encoder(msg, settings)
     fewshot = _fit_episode_shape(settings.evaluation, val.labels, len(val.classes))
     metrics: dict[str, float | int] = {NUM_EXAMPLES: len(val)}
     if fewshot is None:
@@ -172,7 +191,7 @@ def handle_evaluate(msg: Message, site: SiteRuntime) -> Message:
                                   scale=settings.model.cosine_scale)
         metrics.update({"accuracy": result.accuracy_mean, "accuracy-ci95": result.accuracy_ci95,
                         "episodes": result.episodes, "ways": result.ways})
-    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    return metrics
 
 
 def _fit_episode_shape(fewshot: FewShotConfig, labels, n_classes: int) -> FewShotConfig | None:
