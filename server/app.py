@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from medmeta_common.checkpoint import checkpoint_payload
 from medmeta_common.config import FederationConfig
 from medmeta_common.models.factory import build_encoder
-from medmeta_common.wire import flatten, layout_of, numpy_to_arrays, to_config_record
+from medmeta_common.protocol import flatten, layout_of
+from medmeta_common.wire import numpy_to_arrays, to_config_record
 from server.abortable_grid import AbortableGrid
 from server.meta_update import MetaOptimizer
 from server.plots import write_plots, write_rounds_csv

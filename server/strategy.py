@@ -24,18 +24,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from medmeta_common.wire import (
+from medmeta_common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVALUATE_METRICS,
     METRICS_KEY,
     NUM_EXAMPLES,
     TRAIN_METRICS,
-    arrays_to_numpy,
     check_update,
     finite_float,
-    numpy_to_arrays,
 )
+from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 from server.aggregation import weighted_mean
 from server.meta_update import MetaOptimizer
 

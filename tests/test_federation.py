@@ -29,7 +29,7 @@ from medmeta_common.config import load_config
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.privacy.accounting import default_delta, epsilon_of
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
-from medmeta_common.wire import EVALUATE_METRICS, TRAIN_METRICS, layout_of
+from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS, layout_of
 from server.app import run_federation
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
