@@ -24,6 +24,7 @@ from medmeta_common.models.heads import CosineClassifier
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "head.pt"
+ROTATION_FILE = "rotation_head.pt"
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,25 @@ def save_head(site: SiteRuntime, head: CosineClassifier, classes: tuple[str, ...
     """Persist the site's head (it never leaves the site)."""
     atomic_torch_save(site.state_dir / HEAD_FILE,
                       {"classes": list(classes), "weight": head.weight.detach().cpu()})
+
+
+def load_rotation_head(site: SiteRuntime, dim: int, seed: int) -> torch.nn.Linear:
+    """The site's persistent 4-way rotation head, or a fresh data-independent one."""
+    path = site.state_dir / ROTATION_FILE
+    head = torch.nn.Linear(dim, 4)
+    if path.exists():
+        saved = torch_load(path)
+        if tuple(saved["weight"].shape) == (4, dim):
+            head.load_state_dict(saved)
+            return head
+    generator = torch.Generator().manual_seed(site_seed(site.name, seed) + 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(4, dim, generator=generator) * 0.01)
+        head.bias.zero_()
+    return head
+
+
+def save_rotation_head(site: SiteRuntime, head: torch.nn.Linear) -> None:
+    """Persist the site's rotation head (it never leaves the site)."""
+    atomic_torch_save(site.state_dir / ROTATION_FILE,
+                      {k: v.detach().cpu() for k, v in head.state_dict().items()})

@@ -37,6 +37,7 @@ from medmeta_common.data.records import SiteData
 from medmeta_common.device import autocast
 from medmeta_common.episodes import PoissonEpisodeSampler, sample_episode
 from medmeta_common.models.heads import EncoderWithHead, prototypes
+from medmeta_common.privacy import grad_samplers  # noqa: F401 - registers Opacus rules
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +126,33 @@ def train_cosine(
                                 max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=sampler.expected_batch_size(),
                                 loss_reduction="mean")
+    views = train.augment_multiplicity if train.augment else 1
+    rotate = model.rotation is not None and train.rotation_weight > 0
     losses, seen = [], 0
     for _ in range(train.local_steps):
         classes, index = sampler.sample()
-        batch = images[index]
+        # Each record appears ``views`` times, each with its own augmentation (and
+        # rotation); its per-record gradient is the mean over its views (De et al. 2022).
+        batch = images[index].repeat_interleave(views, dim=0)
         if train.augment:
             batch = augment(batch, generator)
+        # A random quarter-turn per view, drawn independently of the data.
+        turns = torch.randint(0, 4, (len(batch),), generator=generator)
+        if rotate:
+            batch = rotate_by(batch, turns)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits = trained(batch.to(device)).float()
-        loss_sum = episode_loss(logits, classes, labels[index])
+            output = trained(batch.to(device))
+        logits = (output[0] if rotate else output).float()
+        loss_sum = episode_loss(logits, classes, labels[index].repeat_interleave(views))
+        if rotate:
+            loss_sum = loss_sum + train.rotation_weight * F.cross_entropy(
+                output[1].float(), turns.to(device), reduction="sum")
+        loss_sum = loss_sum / views
         if dp is not None:
             loss_sum.backward()  # an empty batch still takes the noise-only step
+            if views > 1:
+                _merge_views(model, len(index), views)
             optimizer.step()
         elif len(index):
             (loss_sum / len(index)).backward()
@@ -147,6 +163,24 @@ def train_cosine(
     if dp is not None:
         trained._close()  # remove Opacus hooks; ``model`` keeps the trained weights
     return RoundStats(train.local_steps, seen, float(np.mean(losses)) if losses else float("nan"))
+
+
+def rotate_by(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Rotate each image by ``turns[i]`` quarter turns (square images)."""
+    out = images.clone()
+    for k in (1, 2, 3):
+        rows = turns == k
+        if rows.any():
+            out[rows] = torch.rot90(images[rows], k, dims=(-2, -1))
+    return out
+
+
+def _merge_views(model: torch.nn.Module, records: int, views: int) -> None:
+    """Sum each record's per-view gradients into one per-record gradient (before clipping)."""
+    for param in model.parameters():
+        sample = getattr(param, "grad_sample", None)
+        if sample is not None:
+            param.grad_sample = sample.view(records, views, *sample.shape[1:]).sum(dim=1)
 
 
 def train_protonet(

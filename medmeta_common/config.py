@@ -137,6 +137,8 @@ class ModelConfig:
         Convolutions per stage, overriding the preset.
     norm_groups : int
         GroupNorm groups (BatchNorm is never used: it breaks DP-SGD).
+    weight_standardization : bool
+        Standardise every convolution's filters (helps DP-SGD with GroupNorm).
     cosine_scale : float
         Inverse temperature of the cosine classifier and prototype logits.
 
@@ -146,6 +148,7 @@ class ModelConfig:
     widths: tuple[int, ...] | None = None
     convs_per_stage: int | None = None
     norm_groups: int = 8
+    weight_standardization: bool = True
     cosine_scale: float = 10.0
 
     def __post_init__(self) -> None:
@@ -179,6 +182,16 @@ class TrainConfig:
         Local SGD settings.
     augment : bool
         Random flips and shifts, drawn per record.
+    augment_multiplicity : int
+        Augmented views of each sampled record per step; under DP the record's
+        gradient is the mean over its views, clipped once (De et al. 2022).
+    head : {"train", "frozen"}
+        Train the site's cosine head with the encoder, or keep it at its random,
+        data-independent start (only the encoder learns, as in FedBABU).
+    rotation_weight : float
+        Weight of a self-supervised rotation-prediction loss (Gidaris et al. 2018):
+        each sampled view is given a random quarter-turn, and the site-local rotation
+        head must tell which. Per record, so DP-valid; 0 turns it off.
     shots, queries : int
         Episode shape of the ``protonet`` loss.
 
@@ -188,9 +201,12 @@ class TrainConfig:
     local_steps: int = 20
     batch_size: int = 32
     ways: int | None = None
-    lr: float = 0.05
+    lr: float = 0.03
     momentum: float = 0.9
     augment: bool = True
+    augment_multiplicity: int = 1
+    head: Literal["train", "frozen"] = "train"
+    rotation_weight: float = 0.0
     shots: int = 5
     queries: int = 10
 
@@ -204,6 +220,10 @@ class TrainConfig:
         check(self.lr > 0, field="lr", expected="a positive number", found=self.lr)
         check(0 <= self.momentum < 1, field="momentum", expected="a number in [0, 1)",
               found=self.momentum)
+        check(1 <= self.augment_multiplicity <= 32, field="augment_multiplicity",
+              expected="an integer in [1, 32]", found=self.augment_multiplicity)
+        check(self.rotation_weight >= 0, field="rotation_weight", expected="0 or more",
+              found=self.rotation_weight)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 
 
-def model(seed: int = 0) -> EncoderWithHead:
+def model(seed: int = 0, standardized: bool = False) -> EncoderWithHead:
     torch.manual_seed(seed)
-    encoder = build_encoder(ModelConfig(), ImageConfig(size=32), seed)
+    encoder = build_encoder(ModelConfig(weight_standardization=standardized),
+                            ImageConfig(size=32), seed)
     return EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, 4))
 
 
@@ -26,6 +27,20 @@ def real_batch(brain_npz: Path, per_class: int = 3) -> tuple[torch.Tensor, torch
     site = load_site(DataConfig(path=str(brain_npz), split="test"), ImageConfig(size=32))
     index = np.stack([np.flatnonzero(site.labels == c)[:per_class] for c in range(4)], 1).ravel()
     return torch.from_numpy(site.images[index]), torch.from_numpy(site.labels[index])
+
+
+def test_weight_standardized_encoder_per_sample_gradients(brain_npz: Path) -> None:
+    """Our Opacus rule for standardised convolutions matches single-record gradients."""
+    import medmeta_common.privacy.grad_samplers  # noqa: F401
+    images, labels = real_batch(brain_npz, per_class=2)
+    classes = np.unique(labels.numpy())
+    samples = per_sample_grads(model(standardized=True), images, labels, classes)
+    for i in (1, 6):
+        single = model(standardized=True)
+        single.zero_grad()
+        episode_loss(single(images[i : i + 1]), classes, labels[i : i + 1]).backward()
+        for sample, param in zip(samples, single.parameters(), strict=True):
+            torch.testing.assert_close(sample[i], param.grad, rtol=1e-4, atol=1e-5)
 
 
 def per_sample_grads(net: EncoderWithHead, images: torch.Tensor, labels: torch.Tensor,
@@ -85,3 +100,42 @@ def test_dp_round_runs_with_empty_batches(brain_npz: Path) -> None:
     assert all(moved)  # noise reaches every parameter, even in empty steps
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
                    for p in net.parameters())
+
+
+def test_views_of_a_record_merge_into_one_per_record_gradient(brain_npz: Path) -> None:
+    """Augmentation multiplicity and rotation views: one gradient per record, then clip."""
+    from client.train import _merge_views, rotate_by
+
+    images, labels = real_batch(brain_npz, per_class=2)
+    classes = np.unique(labels.numpy())
+    views = 4
+    batch = images.repeat_interleave(views, dim=0)
+    turns = torch.arange(len(batch)) % 4
+    batch = rotate_by(batch, turns)
+
+    def loss(net: EncoderWithHead, rows: torch.Tensor, row_labels: torch.Tensor,
+             row_turns: torch.Tensor) -> torch.Tensor:
+        logits, rotation = net(rows)
+        return (episode_loss(logits, classes, row_labels)
+                + torch.nn.functional.cross_entropy(rotation, row_turns, reduction="sum")) / views
+
+    def with_rotation(seed: int = 0) -> EncoderWithHead:
+        net = model(seed)
+        torch.manual_seed(seed + 1)
+        net.rotation = torch.nn.Linear(net.encoder.embedding_dim, 4)
+        return net
+
+    net = with_rotation()
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    loss(gsm, batch, labels.repeat_interleave(views), turns).backward()
+    _merge_views(net, len(images), views)
+    merged = [p.grad_sample.detach().clone() for p in net.parameters()]
+    gsm._close()
+    assert all(m.shape[0] == len(images) for m in merged)
+    for i in (0, 5):  # oracle: record i's four views alone
+        single = with_rotation()
+        single.zero_grad()
+        rows = slice(i * views, (i + 1) * views)
+        loss(single, batch[rows], labels[i].repeat(views), turns[rows]).backward()
+        for m, p in zip(merged, single.parameters(), strict=True):
+            torch.testing.assert_close(m[i], p.grad, rtol=1e-4, atol=1e-5)

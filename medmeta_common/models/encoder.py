@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
@@ -26,6 +27,7 @@ class EncoderSpec:
     widths: tuple[int, ...]
     convs_per_stage: int
     norm_groups: int
+    weight_standardization: bool = False
 
     @property
     def embedding_dim(self) -> int:
@@ -52,17 +54,18 @@ class Encoder(nn.Module):
         for index, width in enumerate(spec.widths):
             layers: list[nn.Module] = [nn.MaxPool2d(2)] if index > 0 else []
             for _ in range(spec.convs_per_stage):
-                layers.append(
-                    Convolution(
-                        spatial_dims=2,
-                        in_channels=channels,
-                        out_channels=width,
-                        kernel_size=3,
-                        act=("relu", {"inplace": False}),
-                        norm=("group", {"num_groups": _groups(spec.norm_groups, width)}),
-                        bias=False,
-                    )
+                block = Convolution(
+                    spatial_dims=2,
+                    in_channels=channels,
+                    out_channels=width,
+                    kernel_size=3,
+                    act=("relu", {"inplace": False}),
+                    norm=("group", {"num_groups": _groups(spec.norm_groups, width)}),
+                    bias=False,
                 )
+                if spec.weight_standardization:
+                    block.conv = StandardizedConv2d.from_conv(block.conv)
+                layers.append(block)
                 channels = width
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
@@ -87,6 +90,34 @@ class Encoder(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return x.mean(dim=(2, 3))
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """Conv2d with weight standardisation (Qiao et al. 2019).
+
+    Each filter is used with zero mean and unit variance. With GroupNorm it helps DP-SGD
+    (De et al. 2022). Its per-sample-gradient rule for Opacus is in
+    :mod:`medmeta_common.privacy.grad_samplers`.
+    """
+
+    eps = 1e-5
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> StandardizedConv2d:
+        """A standardised copy of ``conv`` (same shape and initial weights)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                  bias=conv.bias is not None)
+        new.load_state_dict(conv.state_dict())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve with the standardised weights."""
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return F.conv2d(x, (w - mean) / torch.sqrt(var + self.eps), self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
 
 
 def _groups(wanted: int, channels: int) -> int:

@@ -16,6 +16,7 @@ def encoder_spec(model: ModelConfig, image: ImageConfig) -> EncoderSpec:
         widths=model.widths or widths,
         convs_per_stage=model.convs_per_stage or convs,
         norm_groups=model.norm_groups,
+        weight_standardization=model.weight_standardization,
     )
 
 

@@ -43,16 +43,26 @@ class CosineClassifier(nn.Module):
 
 
 class EncoderWithHead(nn.Module):
-    """The encoder and a head as one module (what DP-SGD trains at a site)."""
+    """The encoder and its site-local heads as one module (what DP-SGD trains at a site).
 
-    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+    ``rotation`` is the optional self-supervised head that predicts which of four
+    rotations an image was given (Gidaris et al. 2018): a per-record objective that
+    keeps features generic.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module,
+                 rotation: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.rotation = rotation
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Head output for a batch of images."""
-        return self.head(self.encoder(images))
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Class logits, or ``(class logits, rotation logits)`` with a rotation head."""
+        embeddings = self.encoder(images)
+        if self.rotation is None:
+            return self.head(embeddings)
+        return self.head(embeddings), self.rotation(embeddings)
 
 
 def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
