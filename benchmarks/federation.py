@@ -1,0 +1,108 @@
+"""An in-process federation for benchmarks: the same site and server code, no transport.
+
+Each round every site runs :func:`client.app.train_round` (DP-SGD, ledger and all) on
+a copy of the global encoder, and the server applies :class:`server.meta_update.
+MetaOptimizer` to the weighted mean of the returned encoders — exactly what the
+Flower strategy does, minus the messages, so that many configurations can be
+compared quickly (and on machines without Ray). ``medmeta simulate`` is the real
+thing; ``tests/test_federation.py`` runs that.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.rounds import RoundSettings, train_round
+from client.site import SiteRuntime, site_splits
+from client.train import train_cosine
+from medmeta_common.config import FederationConfig
+from medmeta_common.data.records import SiteData
+from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.factory import build_encoder
+from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from server.aggregation import weighted_mean
+from server.meta_update import MetaOptimizer
+
+log = logging.getLogger("benchmark")
+
+
+def settings_of(config: FederationConfig, round_number: int) -> RoundSettings:
+    """What the server would send in round ``round_number``."""
+    return RoundSettings(image=config.image, model=config.model, train=config.train,
+                         evaluation=config.evaluation, planned_rounds=config.rounds,
+                         server_round=round_number, seed=config.seed)
+
+
+def runtimes(config: FederationConfig, state_root: Path, device: str) -> list[SiteRuntime]:
+    """One site runtime per configured site, each with its own state directory."""
+    return [SiteRuntime(name=s.name, data=s.data, state_dir=state_root / s.name,
+                        privacy=config.privacy_of(s), val_fraction=s.val_fraction,
+                        device=device, amp=config.runtime.amp,
+                        threads=max(1, torch.get_num_threads()))
+            for s in config.sites]
+
+
+def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "cpu",
+                  initial: Encoder | None = None) -> tuple[Encoder, list[dict]]:
+    """Train the federation; return the final encoder and one record per round."""
+    sites = runtimes(config, state_root, device)
+    encoder = initial if initial is not None else build_encoder(config.model, config.image,
+                                                                config.seed)
+    state = {k: v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
+    meta = MetaOptimizer(config.server, state)
+    history = []
+    for round_number in range(1, config.rounds + 1):
+        started = time.monotonic()
+        settings = settings_of(config, round_number)
+        states, weights, epsilons = [], [], {}
+        for site in sites:
+            local = copy.deepcopy(encoder)
+            outcome = train_round(site, settings, local)
+            epsilons[site.name] = outcome.metrics.get("epsilon")
+            if outcome.encoder is not None:
+                states.append({k: v.detach().cpu().numpy()
+                               for k, v in outcome.encoder.state_dict().items()})
+                weights.append(float(outcome.metrics["num-examples"]))
+        if len(states) >= config.min_sites:
+            state = meta.step(state, weighted_mean(states, weights))
+            encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        history.append({"round": round_number, "accepted": len(states), "epsilon": epsilons,
+                        "seconds": time.monotonic() - started})
+        log.info("round %d/%d: %d sites, %.1f s", round_number, config.rounds, len(states),
+                 history[-1]["seconds"])
+    return encoder.cpu().eval(), history
+
+
+def pooled_training_data(config: FederationConfig, state_root: Path) -> SiteData:
+    """All sites' training records in one set, each site's classes kept distinct."""
+    parts, offset, classes = [], 0, []
+    for site in runtimes(config, state_root, "cpu"):
+        train = site_splits(site, config.image, config.seed).train
+        parts.append(replace(train, labels=train.labels + offset))
+        classes += [f"{site.name}/{c}" for c in train.classes]
+        offset += len(train.classes)
+    return SiteData(images=np.concatenate([p.images for p in parts]),
+                    labels=np.concatenate([p.labels for p in parts]), classes=tuple(classes),
+                    groups=np.concatenate([p.groups for p in parts]),
+                    refs=tuple(r for p in parts for r in p.refs))
+
+
+def run_centralized(config: FederationConfig, state_root: Path, *, steps: int,
+                    device: str = "cpu") -> Encoder:
+    """Non-private training on the pooled data (the upper bound), same recipe otherwise."""
+    data = pooled_training_data(config, state_root)
+    encoder = build_encoder(config.model, config.image, config.seed)
+    head = CosineClassifier(encoder.embedding_dim, len(data.classes), config.model.cosine_scale)
+    model = EncoderWithHead(encoder, head)
+    train = replace(config.train, local_steps=steps, ways=None)
+    rate = min(1.0, train.batch_size / len(data))
+    train_cosine(model, data, train, dp=None, sample_rate=rate, seed=config.seed,
+                 device=torch.device(device), amp=config.runtime.amp)
+    return encoder.cpu().eval()
