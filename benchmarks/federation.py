@@ -1,10 +1,13 @@
 """An in-process federation for benchmarks: the same site and server code, no transport.
 
-Each round every site runs :func:`client.app.train_round` (DP-SGD, ledger and all) on
-a copy of the global encoder, and the server applies :class:`server.meta_update.
-MetaOptimizer` to the weighted mean of the returned encoders — exactly what the
-Flower strategy does, minus the messages, so that many configurations can be
-compared quickly (and on machines without Ray). ``medmeta simulate`` is the real
+Each round every site runs :func:`client.rounds.train_round` (DP-SGD, ledger and all)
+on a copy of the global encoder; the server screens each returned encoder with
+:func:`server.update_checks.screen_update`, combines the accepted ones with
+:func:`server.aggregation.aggregate` (``server.aggregator``) and applies
+:class:`server.meta_update.MetaOptimizer` — exactly what the Flower strategy does,
+minus the messages, so that many configurations can be compared quickly (and on
+machines without Ray). An optional ``tamper`` hook replaces what chosen sites send,
+to simulate hostile or broken sites. ``medmeta simulate`` is the real
 thing; ``tests/test_federation.py`` runs that.
 """
 
@@ -13,8 +16,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +32,14 @@ from medmeta_common.data.records import SiteData
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
-from server.aggregation import weighted_mean
+from medmeta_common.protocol import layout_of
+from server.aggregation import aggregate
 from server.meta_update import MetaOptimizer
+from server.update_checks import screen_update, update_norm
+
+# (site name, round, global encoder, the site's encoder) -> what the site sends instead.
+Tamper = Callable[[str, int, Mapping[str, np.ndarray], dict[str, np.ndarray]],
+                  dict[str, np.ndarray]]
 
 log = logging.getLogger("benchmark")
 
@@ -50,31 +61,67 @@ def runtimes(config: FederationConfig, state_root: Path, device: str) -> list[Si
 
 
 def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "cpu",
-                  initial: Encoder | None = None) -> tuple[Encoder, list[dict]]:
-    """Train the federation; return the final encoder and one record per round."""
+                  initial: Encoder | None = None,
+                  tamper: Tamper | None = None) -> tuple[Encoder, list[dict]]:
+    """Train the federation; return the final encoder and one record per round.
+
+    Parameters
+    ----------
+    config : FederationConfig
+        The federation; ``config.server`` picks the aggregator and the update checks.
+    state_root : Path
+        Where each site keeps its state (ledger, head), one folder per site.
+    device : str
+        Where sites train.
+    initial : Encoder, optional
+        The starting global encoder (default: a fresh one from ``config``).
+    tamper : callable, optional
+        ``tamper(site, round, global_encoder, site_encoder)`` returns what the site
+        sends instead of its encoder (an attack); called for every site that trained.
+
+    """
     sites = runtimes(config, state_root, device)
     encoder = initial if initial is not None else build_encoder(config.model, config.image,
                                                                 config.seed)
+    layout = layout_of(encoder)
     state = {k: v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
     meta = MetaOptimizer(config.server, state)
+    server = config.server
     history = []
     for round_number in range(1, config.rounds + 1):
         started = time.monotonic()
         settings = settings_of(config, round_number)
         states, weights, epsilons = [], [], {}
+        statuses: dict[str, dict[str, Any]] = {}
         for site in sites:
             local = copy.deepcopy(encoder)
             outcome = train_round(site, settings, local)
             epsilons[site.name] = outcome.metrics.get("epsilon")
-            if outcome.encoder is not None:
-                states.append({k: v.detach().cpu().numpy()
-                               for k, v in outcome.encoder.state_dict().items()})
-                weights.append(float(outcome.metrics["num-examples"]))
+            if outcome.encoder is None:
+                statuses[site.name] = {"status": "refused"}
+                continue
+            sent = {k: v.detach().cpu().numpy() for k, v in outcome.encoder.state_dict().items()}
+            if tamper is not None:
+                sent = tamper(site.name, round_number, state, sent)
+            problem = screen_update(sent, state, layout, max_update_norm=server.max_update_norm)
+            if problem:
+                log.warning("rejected update from site %s: %s", site.name, problem)
+                statuses[site.name] = {"status": "rejected", "reason": problem}
+                continue
+            statuses[site.name] = {"status": "accepted",
+                                   "update_norm": update_norm(sent, state)}
+            states.append(sent)
+            weights.append(float(outcome.metrics["num-examples"]))
         if len(states) >= config.min_sites:
-            state = meta.step(state, weighted_mean(states, weights))
+            target = aggregate(states, weights, method=server.aggregator,
+                               trim_fraction=server.trim_fraction, max_faulty=server.max_faulty)
+            state = meta.step(state, target)
             encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        else:
+            log.warning("round %d: %d accepted update(s), fewer than min_sites=%d; the global "
+                        "encoder is kept", round_number, len(states), config.min_sites)
         history.append({"round": round_number, "accepted": len(states), "epsilon": epsilons,
-                        "seconds": time.monotonic() - started})
+                        "sites": statuses, "seconds": time.monotonic() - started})
         log.info("round %d/%d: %d sites, %.1f s", round_number, config.rounds, len(states),
                  history[-1]["seconds"])
     return encoder.cpu().eval(), history

@@ -243,8 +243,10 @@ class PrivacyConfig:
     noise_multiplier : float, optional
         Noise std / clip bound. ``null``: calibrated once so that the planned rounds
         spend exactly the budget.
-    unit : {"image"}
-        The privacy unit: one image (record).
+    unit : {"image", "patient"}
+        The privacy unit: one image (record), or one patient (all of a patient's
+        images: patients are Poisson-sampled and each patient's summed gradient is
+        clipped). ``patient`` needs patient IDs in the data (manifest, DICOM, group key).
 
     """
 
@@ -253,7 +255,7 @@ class PrivacyConfig:
     delta: float | None = None
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
-    unit: Literal["image"] = "image"
+    unit: Literal["image", "patient"] = "image"
 
     def __post_init__(self) -> None:
         check(self.epsilon > 0, field="epsilon", expected="a positive number", found=self.epsilon)
@@ -270,9 +272,33 @@ class PrivacyConfig:
 class MetaUpdateConfig:
     """How the server turns site updates into a new global encoder.
 
-    Reptile / first-order FedMeta: ``theta += meta_lr * step(mean_i(theta_i) - theta)``,
-    where ``step`` is plain (``sgd``), heavy-ball momentum, or Adam on the
-    pseudo-gradient ``theta - mean_i(theta_i)``.
+    Reptile / first-order FedMeta: ``theta += meta_lr * step(agg_i(theta_i) - theta)``,
+    where ``agg`` is the ``aggregator`` and ``step`` is plain (``sgd``), heavy-ball
+    momentum, or Adam on the pseudo-gradient ``theta - agg_i(theta_i)``.
+
+    Attributes
+    ----------
+    meta_lr : float
+        Server (meta) learning rate; 1 with ``sgd`` is FedAvg.
+    optimizer : {"sgd", "momentum", "adam"}
+        The step on the pseudo-gradient; ``momentum`` and ``beta2`` are its settings.
+    fraction_train, fraction_evaluate : float
+        Fractions of connected sites asked to train / evaluate each round.
+    min_sites : int, optional
+        Fewest accepted updates for a meta-update (default 2, or 1 with one site).
+    round_timeout : float
+        Seconds a round waits for replies.
+    aggregator : {"mean", "trimmed_mean", "median", "multikrum"}
+        How accepted encoders are combined (:mod:`server.aggregation`): the
+        record-weighted mean, or a rule that withstands hostile updates.
+    trim_fraction : float
+        Share of values cut at each end, per coordinate, by ``trimmed_mean``.
+    max_faulty : int
+        ``f``, the hostile sites ``multikrum`` withstands (it keeps ``n - f`` updates).
+    max_update_norm : float, optional
+        Reject a site's update whose L2 norm ``|theta_i - theta|`` exceeds this;
+        ``null`` (default) turns the bound off.
+
     """
 
     meta_lr: float = 1.0
@@ -283,8 +309,19 @@ class MetaUpdateConfig:
     fraction_evaluate: float = 1.0
     min_sites: int | None = None
     round_timeout: float = 3600.0
+    aggregator: Literal["mean", "trimmed_mean", "median", "multikrum"] = "mean"
+    trim_fraction: float = 0.2
+    max_faulty: int = 1
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
+        check(0 <= self.trim_fraction < 0.5, field="trim_fraction",
+              expected="a number in [0, 0.5)", found=self.trim_fraction)
+        check(self.max_faulty >= 0, field="max_faulty", expected="0 or more",
+              found=self.max_faulty)
+        check(self.max_update_norm is None or self.max_update_norm > 0,
+              field="max_update_norm", expected="a positive number or null",
+              found=self.max_update_norm)
         check(self.meta_lr > 0, field="meta_lr", expected="a positive number",
               found=self.meta_lr)
         check(0 < self.fraction_train <= 1, field="fraction_train",
@@ -353,12 +390,14 @@ class RuntimeConfig:
               found=self.cpus_per_site)
 
 
-@dataclass(frozen=True)
-class FederationConfig:
-    """A whole (simulated) federation: sites, method, privacy and the held-out site."""
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """The meta-learning run the server coordinates: what every site is asked to do.
 
-    sites: tuple[SiteConfig, ...]
-    kind: Literal["federation"] = "federation"
+    Shared by a simulated federation (:class:`FederationConfig`) and the operator's
+    production server (``kind: server``).
+    """
+
     name: str = "federation"
     description: str = ""
     seed: int = 0
@@ -366,28 +405,74 @@ class FederationConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: MetaUpdateConfig = field(default_factory=MetaUpdateConfig)
     evaluation: FewShotConfig = field(default_factory=FewShotConfig)
+
+    def __post_init__(self) -> None:
+        check(self.rounds >= 1, field="rounds", expected="at least 1", found=self.rounds)
+
+    def method_hash(self) -> str:
+        """Fingerprint of the method (round count excluded, so a run can be extended)."""
+        data = {k: asdict(self)[k] for k in ("name", "seed", "image", "model", "train",
+                                              "server", "evaluation")}
+        return _fingerprint(data)
+
+
+# Server settings added after runs were already being made, with their defaults: left
+# out of fingerprints while at the default, so that those runs can still be resumed.
+_LATER_SERVER_DEFAULTS = {"aggregator": "mean", "trim_fraction": 0.2, "max_faulty": 1,
+                          "max_update_norm": None}
+
+
+def _fingerprint(data: dict) -> str:
+    server = data.get("server")
+    if isinstance(server, dict):
+        data = {**data, "server": {k: v for k, v in server.items()
+                                   if k not in _LATER_SERVER_DEFAULTS
+                                   or v != _LATER_SERVER_DEFAULTS[k]}}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig(MethodConfig):
+    """A whole (simulated) federation: sites, method, privacy and the held-out site."""
+
+    sites: tuple[SiteConfig, ...]
+    kind: Literal["federation"] = "federation"
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     held_out: HeldOutConfig | None = None
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(len(self.sites) >= 1, field="sites", expected="at least one site",
               found=len(self.sites))
         names = [s.name for s in self.sites]
         duplicate = sorted({n for n in names if names.count(n) > 1})
         check(not duplicate, field="sites", expected="distinct site names", found=duplicate)
-        check(self.rounds >= 1, field="rounds", expected="at least 1", found=self.rounds)
         check(self.min_sites <= len(self.sites), field="server.min_sites",
               expected=f"at most the number of sites ({len(self.sites)})",
               found=self.min_sites)
+        self._check_aggregator()
         if self.train.loss == "protonet":
             privates = [s.name for s in self.sites if self.privacy_of(s).enabled]
             check(not privates, field="train.loss",
                   expected="'cosine' while DP is on (the prototypical loss couples the records "
                   "of an episode, so per-record DP-SGD does not hold for it)",
                   found=f"'protonet' with privacy enabled at {privates}")
+
+    def _check_aggregator(self) -> None:
+        """A robust aggregator must be able to act with this many sites."""
+        n, server = len(self.sites), self.server
+        if server.aggregator == "trimmed_mean":
+            check(int(server.trim_fraction * n) >= 1, field="server.trim_fraction",
+                  expected=f"at least 1/{n} with {n} sites (below it trimmed_mean cuts "
+                  "nothing and is the plain mean)", found=server.trim_fraction)
+        if server.aggregator == "multikrum":
+            check(n > 2 * server.max_faulty + 2, field="server.max_faulty",
+                  expected=f"f with 2 f + 2 < {n} sites (the condition of Multi-Krum, "
+                  "Blanchard et al. 2017)", found=server.max_faulty)
 
     @property
     def min_sites(self) -> int:
@@ -402,8 +487,7 @@ class FederationConfig:
         """Fingerprint of everything but the round count (so a run can be extended)."""
         data = asdict(self)
         data.pop("rounds")
-        text = json.dumps(data, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _fingerprint(data)
 
 
 def load_config(path: Path | str) -> FederationConfig:
@@ -427,6 +511,7 @@ __all__ = [
     "HeldOutConfig",
     "ImageConfig",
     "MetaUpdateConfig",
+    "MethodConfig",
     "ModelConfig",
     "PartitionConfig",
     "PrivacyConfig",

@@ -19,9 +19,14 @@ from medmeta_common.config import MetaUpdateConfig
 
 
 class MetaOptimizer:
-    """Applies meta-update steps and carries the optimiser state across rounds."""
+    """Applies meta-update steps and carries the optimiser state across rounds.
+
+    ``config`` holds the whole ``server`` section, so that the strategy finds the
+    aggregation settings (``aggregator``, ``max_update_norm``...) next to the step's.
+    """
 
     def __init__(self, meta: MetaUpdateConfig, initial: Mapping[str, np.ndarray]) -> None:
+        self.config = meta
         self.keys = list(initial)
         self.params = [torch.nn.Parameter(torch.tensor(np.asarray(initial[k]), dtype=torch.float32))
                        for k in self.keys]

@@ -5,10 +5,12 @@ Flower's ``Strategy.start`` owns the round loop; we only override hooks:
 - ``configure_train`` / ``configure_evaluate`` remember the current global encoder,
   learn the names of newly connected sites, and stamp the global round number (a
   resumed run continues counting).
-- ``aggregate_train`` checks every reply (an error, a refusal, or a malformed update
-  is logged with the site's name and left out), takes the weighted mean of the
-  accepted encoders, applies the meta-update, and writes a checkpoint and a metrics
-  line before the next round starts.
+- ``aggregate_train`` checks every reply (an error, a refusal, a malformed update, or
+  one longer than ``server.max_update_norm`` is logged with the site's name and left
+  out; see :mod:`server.update_checks`), aggregates the accepted encoders with
+  ``server.aggregator`` (:func:`server.aggregation.aggregate`), applies the
+  meta-update, and writes a checkpoint and a metrics line before the next round
+  starts.
 - ``aggregate_evaluate`` logs the sites' few-shot validation accuracy.
 """
 
@@ -31,12 +33,12 @@ from medmeta_common.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
     TRAIN_METRICS,
-    check_update,
     finite_float,
 )
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
-from server.aggregation import weighted_mean
+from server.aggregation import aggregate
 from server.meta_update import MetaOptimizer
+from server.update_checks import screen_update, update_norm
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ class MetaStrategy(FedAvg):
     Parameters
     ----------
     meta_optimizer : MetaOptimizer
-        Applies the meta-update (and holds its state for checkpoints).
+        Applies the meta-update (and holds its state for checkpoints); its ``config``
+        (the ``server`` section) also names the aggregator and the update-norm bound.
     layout : dict
         Expected ``name -> (shape, dtype)`` of an encoder update.
     min_sites : int
@@ -140,8 +143,11 @@ class MetaStrategy(FedAvg):
         """Remember the global encoder and ask a sample of sites to train."""
         self._round_started = time.monotonic()
         self._current = arrays_to_numpy(arrays)
+        # Sampling waits until enough sites are connected; ask the names after it.
+        messages = super().configure_train(self._global_round(server_round), arrays, config,
+                                           grid)
         self._learn_site_names(grid)
-        return super().configure_train(self._global_round(server_round), arrays, config, grid)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -164,10 +170,12 @@ class MetaStrategy(FedAvg):
         record: dict[str, Any] = {"round": round_number, "phase": "train", "sites": sites,
                                   "accepted": len(accepted)}
         if len(accepted) >= self.min_sites:
-            mean = weighted_mean([a for _, a, _ in accepted], [w for _, _, w in accepted])
-            new = self.meta_optimizer.step(self._current, mean)
-            record["update_norm"] = float(np.sqrt(sum(
-                np.sum((new[k].astype(np.float64) - self._current[k]) ** 2) for k in new)))
+            server = self.meta_optimizer.config
+            target = aggregate([a for _, a, _ in accepted], [w for _, _, w in accepted],
+                               method=server.aggregator, trim_fraction=server.trim_fraction,
+                               max_faulty=server.max_faulty)
+            new = self.meta_optimizer.step(self._current, target)
+            record["update_norm"] = update_norm(new, self._current)
         else:
             log.warning("round %d: %d accepted update(s), fewer than min_sites=%d; the global "
                         "encoder is kept", round_number, len(accepted), self.min_sites)
@@ -203,11 +211,13 @@ class MetaStrategy(FedAvg):
             log.warning("rejected update from site %s: unexpected records in the reply", name)
             return "rejected", {"reason": "unexpected records"}, None
         arrays = arrays_to_numpy(content.array_records[ARRAYS_KEY])
-        problem = check_update(arrays, self.layout)
+        assert self._current is not None, "configure_train runs before aggregate_train"
+        problem = screen_update(arrays, self._current, self.layout,
+                                max_update_norm=self.meta_optimizer.config.max_update_norm)
         if problem:
             log.warning("rejected update from site %s: %s", name, problem)
             return "rejected", {"reason": problem}, None
-        return "accepted", metrics, arrays
+        return "accepted", {**metrics, "update_norm": update_norm(arrays, self._current)}, arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
