@@ -15,8 +15,10 @@ What a site sends back, and nothing else:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -83,3 +85,30 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
 
     return app
 
+
+
+# --- Production: the ClientApp each hospital's SuperNode runs ---------------------------
+
+
+def site_from_node_config(context: Context) -> SiteRuntime:
+    """The site described by the ``site.yaml`` named in the SuperNode's node config."""
+    path = str(context.node_config.get("site-config", ""))
+    if not path:
+        raise ValueError("the SuperNode has no 'site-config' in its node config; start it with "
+                         "`medmeta site start --config site.yaml`")
+    return _site_runtime(path, Path(path).stat().st_mtime)
+
+
+@functools.lru_cache(maxsize=8)
+def _site_runtime(path: str, mtime: float) -> SiteRuntime:
+    from medmeta_common.deploy_config import load_site_config
+
+    config = load_site_config(path)
+    return SiteRuntime(name=config.name, data=config.data, state_dir=Path(config.state_dir),
+                       privacy=config.privacy, val_fraction=config.val_fraction,
+                       device=config.runtime.device, amp=config.runtime.amp,
+                       threads=max(1, int(config.runtime.cpus_per_site)),
+                       cache_data=config.cache_data)
+
+
+app = make_client_app(site_from_node_config)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from client import cli as client_commands
-from medmeta import __version__, data_commands, federation_commands
+from medmeta import __version__, data_commands, deploy_commands, federation_commands
 from medmeta.logs import configure_logging
 from medmeta_common.errors import MedmetaError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     federation_commands.register(commands)
     client_commands.register(commands)
+    deploy_commands.register(commands)
     data_commands.register(commands)
     return parser
 

@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from medmeta_common.config import DataConfig, load_config
+from medmeta_common.config import DataConfig
 from medmeta_common.data.inspect import format_report, inspection_report
 from medmeta_common.data.sources import read_raw
+from medmeta_common.deploy_config import load_any_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -61,6 +62,6 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_config_check(args: argparse.Namespace) -> int:
     """Validate a config file; errors are raised as ConfigError."""
-    load_config(args.file)
+    load_any_config(args.file)
     print(f"{args.file}: OK")
     return 0

@@ -19,7 +19,8 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from medmeta_common.checkpoint import checkpoint_payload
-from medmeta_common.config import FederationConfig
+from medmeta_common.config import MethodConfig
+from medmeta_common.errors import FederationError
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.protocol import flatten, layout_of
 from medmeta_common.wire import numpy_to_arrays, to_config_record
@@ -31,8 +32,12 @@ from server.strategy import MetaStrategy
 
 log = logging.getLogger("medmeta.server")
 
+# A simulated federation or a production server: both carry the method settings,
+# ``min_sites`` and a ``hash()`` of what a resumed run must match.
+RunConfig = MethodConfig
 
-def settings_record(config: FederationConfig) -> ConfigRecord:
+
+def settings_record(config: RunConfig) -> ConfigRecord:
     """The settings every site needs each round, as flat typed entries."""
     entries: dict[str, Any] = {}
     for prefix in ("image", "model", "train", "evaluation"):
@@ -44,7 +49,7 @@ def settings_record(config: FederationConfig) -> ConfigRecord:
 class RunRecorder:
     """Writes the checkpoint and metrics of each round, and logs progress."""
 
-    def __init__(self, state: RunState, config: FederationConfig,
+    def __init__(self, state: RunState, config: RunConfig,
                  meta_optimizer: MetaOptimizer) -> None:
         self.state = state
         self.config = config
@@ -78,7 +83,7 @@ class RunRecorder:
                      self.config.rounds, record["accuracy_mean"], per_site)
 
 
-def run_federation(grid: Grid, config: FederationConfig, out_dir: Path, *, resume: bool,
+def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool,
                    abort: threading.Event | None = None) -> int:
     """Run (or resume) the federation on ``grid``; return the last round done.
 
@@ -122,7 +127,7 @@ def run_federation(grid: Grid, config: FederationConfig, out_dir: Path, *, resum
     return config.rounds
 
 
-def make_server_app(config: FederationConfig, out_dir: Path, *, resume: bool,
+def make_server_app(config: RunConfig, out_dir: Path, *, resume: bool,
                     abort: threading.Event | None = None) -> ServerApp:
     """A ServerApp that runs ``config`` and writes to ``out_dir``."""
     app = ServerApp()
@@ -132,3 +137,26 @@ def make_server_app(config: FederationConfig, out_dir: Path, *, resume: bool,
         run_federation(grid, config, out_dir, resume=resume, abort=abort)
 
     return app
+
+
+# --- Production: the ServerApp that `medmeta server start` submits to the SuperLink ------
+
+app = ServerApp()
+
+
+@app.main()
+def production_main(grid: Grid, context: Context) -> None:
+    """Run the federation of the ``server.yaml`` named in the run config.
+
+    A state directory that already holds checkpoints is resumed (same method only), so
+    restarting the server after a crash continues where it stopped.
+    """
+    from medmeta_common.deploy_config import load_server_config
+
+    path = str(context.run_config.get("server-config", ""))
+    if not path:
+        raise FederationError("the run config has no 'server-config'; start runs with "
+                              "`medmeta server start --config server.yaml`")
+    config = load_server_config(path)
+    state_dir = Path(config.state_dir)
+    run_federation(grid, config, state_dir, resume=bool(RunState(state_dir).checkpoints()))

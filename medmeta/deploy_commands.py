@@ -1,0 +1,247 @@
+"""Production commands: ``certs``, ``server`` (the operator) and ``site`` (a hospital)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("medmeta")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the ``certs``, ``server`` and ``site`` command groups."""
+    certs = commands.add_parser("certs", help="make the consortium's certificates and keys")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_commands.add_parser("init", help="create the consortium CA (operator)")
+    init.add_argument("--out", type=Path, required=True, help="the consortium PKI folder")
+    init.add_argument("--name", default="consortium", help="organisation name in the CA")
+    init.add_argument("--days", type=int, default=3650)
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    init.set_defaults(handler=run_certs_init)
+    server = certs_commands.add_parser("server", help="a SuperLink TLS certificate (operator)")
+    server.add_argument("--out", type=Path, required=True, help="the consortium PKI folder")
+    server.add_argument("--host", action="append", required=True,
+                        help="a DNS name or IP address sites use to reach the server "
+                        "(repeat for each; include 127.0.0.1 when the SuperLink listens on "
+                        "0.0.0.0, since `medmeta server` itself connects over loopback)")
+    server.add_argument("--days", type=int, default=825)
+    server.add_argument("--force", action="store_true", help="replace existing files")
+    server.set_defaults(handler=run_certs_server)
+    site = certs_commands.add_parser("site", help="a SuperNode key pair (hospital)")
+    site.add_argument("--out", type=Path, required=True, help="where the site keeps its keys")
+    site.add_argument("--name", required=True, help="the site's name, e.g. hospital-a")
+    site.add_argument("--force", action="store_true", help="replace existing files")
+    site.set_defaults(handler=run_certs_site)
+
+    operator = commands.add_parser("server", help="run the aggregation server (operator)")
+    operator_commands = operator.add_subparsers(dest="server_command", required=True)
+    start = operator_commands.add_parser(
+        "start", help="start the SuperLink, register the sites and launch the run",
+        description="Start a Flower SuperLink (TLS and SuperNode authentication unless the "
+        "config says insecure), register the sites' public keys, and submit the "
+        "meta-learning run. A state directory with checkpoints is resumed.")
+    start.add_argument("--config", type=Path, required=True, help="server.yaml")
+    start.add_argument("--foreground", action="store_true",
+                       help="stay attached until the SuperLink stops (for systemd, Docker)")
+    start.set_defaults(handler=run_server_start)
+    status = operator_commands.add_parser("status", help="rounds done, sites, metrics, epsilon")
+    status.add_argument("--config", type=Path, required=True, help="server.yaml")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=run_server_status)
+    stop = operator_commands.add_parser("stop", help="stop the run and the SuperLink")
+    stop.add_argument("--config", type=Path, required=True, help="server.yaml")
+    stop.set_defaults(handler=run_server_stop)
+
+    hospital = commands.add_parser("site", help="run this hospital's site client")
+    hospital_commands = hospital.add_subparsers(dest="site_command", required=True)
+    site_start = hospital_commands.add_parser(
+        "start", help="check the set-up, then run the SuperNode (foreground)")
+    site_start.add_argument("--config", type=Path, required=True, help="site.yaml")
+    site_start.set_defaults(handler=run_site_start)
+    site_check = hospital_commands.add_parser(
+        "check", help="check data, keys and the connection to the server; start nothing")
+    site_check.add_argument("--config", type=Path, required=True, help="site.yaml")
+    site_check.set_defaults(handler=run_site_check)
+
+
+def _written(written: Any, keep: str, send: str) -> None:
+    for path in written.secret:
+        print(f"  keep secret : {path}  ({keep})")
+    for path in written.public:
+        print(f"  hand out    : {path}  ({send})")
+
+
+def run_certs_init(args: argparse.Namespace) -> int:
+    """Create the consortium CA."""
+    from medmeta_common.pki import init_ca
+
+    written = init_ca(args.out, name=args.name, days=args.days, force=args.force)
+    print("Consortium CA created.")
+    _written(written, "operator only; it signs the server certificate",
+             "send ca.crt to every site")
+    return 0
+
+
+def run_certs_server(args: argparse.Namespace) -> int:
+    """Create the SuperLink certificate."""
+    from medmeta_common.pki import server_certificate
+
+    written = server_certificate(args.out, hosts=args.host, days=args.days, force=args.force)
+    print(f"SuperLink certificate for {', '.join(args.host)} created.")
+    _written(written, "the SuperLink's TLS key", "the SuperLink's certificate")
+    return 0
+
+
+def run_certs_site(args: argparse.Namespace) -> int:
+    """Create a site's SuperNode key pair."""
+    from medmeta_common.pki import site_keypair
+
+    written = site_keypair(args.out, name=args.name, force=args.force)
+    print(f"Key pair for site {args.name} created.")
+    _written(written, "stays at the hospital; site.yaml's private_key",
+             "send it to the operator, who lists it under sites: in server.yaml")
+    return 0
+
+
+def _warn_insecure(kind: str) -> None:
+    log.warning("%s runs INSECURE: no TLS and no node authentication (insecure: true). Use "
+                "this only for tests on one machine.", kind)
+
+
+def run_server_start(args: argparse.Namespace) -> int:
+    """Start the SuperLink, register sites, submit the run."""
+    from medmeta_common.deploy_config import load_server_config
+    from server.state import RunState
+    from server.superlink import SuperLink
+
+    config = load_server_config(args.config)
+    if config.superlink.insecure:
+        _warn_insecure("the SuperLink")
+    link = SuperLink(config, args.config)
+    process = link.start_process()
+    log.info("SuperLink started (pid %d) on %s:%d; log: %s", process.pid, config.superlink.host,
+             config.superlink.port, link.log_file)
+    try:
+        names = link.register_sites()
+        log.info("registered sites: %s", ", ".join(names) or "(none)")
+        done = RunState(Path(config.state_dir)).checkpoints()
+        if done:
+            log.info("state directory holds checkpoints up to %s: the run resumes", done[-1].name)
+        run_id = link.start_run()
+    except BaseException:
+        link.stop()
+        raise
+    print(f"Run {run_id} started: {config.rounds} rounds of '{config.name}'. "
+          f"Follow it with `medmeta server status --config {args.config}`.")
+    if not args.foreground:
+        return 0
+    stopping = []
+
+    def stop(*_: object) -> None:
+        stopping.append(True)
+        link.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    code = process.wait()
+    return 0 if stopping else code  # a requested stop is a clean exit
+
+
+def server_status(config_path: Path) -> dict[str, Any]:
+    """Rounds done, sites connected, last metrics and epsilon per site."""
+    from medmeta_common.deploy_config import load_server_config
+    from server.state import RunState
+    from server.superlink import SuperLink
+
+    config = load_server_config(config_path)
+    link = SuperLink(config, config_path)
+    records = RunState(Path(config.state_dir)).read_metrics()
+    train = [r for r in records if r.get("phase") == "train"]
+    evaluate = [r for r in records if r.get("phase") == "evaluate"]
+    epsilon: dict[str, float] = {}
+    for record in train:
+        for site, metrics in record.get("sites", {}).items():
+            if isinstance(metrics.get("epsilon"), (int, float)):
+                epsilon[site] = float(metrics["epsilon"])
+    pid = link.pid()
+    status: dict[str, Any] = {
+        "superlink": {"running": pid is not None, "pid": pid},
+        "rounds_done": train[-1]["round"] if train else 0,
+        "rounds_planned": config.rounds,
+        "last_accuracy": evaluate[-1].get("accuracy_mean") if evaluate else None,
+        "epsilon": epsilon,
+        "last_round_sites": train[-1]["sites"] if train else {},
+    }
+    if pid is not None:
+        run_id = link.run_id()
+        runs = {str(r.get("run-id")): r for r in link.runs()}
+        status["run"] = {"id": run_id, "status": runs.get(str(run_id), {}).get("status")}
+        names = {v: k for k, v in link.site_ids().items()}
+        status["nodes"] = [{"id": n.get("node-id"), "site": names.get(str(n.get("node-id"))),
+                            "status": n.get("status")} for n in link.nodes()]
+    return status
+
+
+def run_server_status(args: argparse.Namespace) -> int:
+    """Print the server's status."""
+    status = server_status(args.config)
+    if args.json:
+        print(json.dumps(status, default=str))
+        return 0
+    link = status["superlink"]
+    print("SuperLink: " + (f"running (pid {link['pid']})" if link["running"] else "stopped"))
+    if "run" in status:
+        print(f"run: {status['run']['id']} {status['run']['status']}")
+        online = sum(n["status"] == "online" for n in status.get("nodes", []))
+        print(f"sites: {online} online of {len(status.get('nodes', []))} registered")
+        for node in status.get("nodes", []):
+            print(f"  {node['site'] or '(unknown)':<20} node {node['id']}  {node['status']}")
+    print(f"rounds: {status['rounds_done']}/{status['rounds_planned']}")
+    if status["last_accuracy"] is not None:
+        print(f"few-shot validation accuracy (last round): {status['last_accuracy']:.3f}")
+    for site, eps in sorted(status["epsilon"].items()):
+        print(f"  {site:<20} epsilon {eps:.3f} (as reported)")
+    return 0
+
+
+def run_server_stop(args: argparse.Namespace) -> int:
+    """Stop the run and the SuperLink."""
+    from medmeta_common.deploy_config import load_server_config
+    from server.superlink import SuperLink
+
+    stopped = SuperLink(load_server_config(args.config), args.config).stop()
+    print("SuperLink stopped." if stopped else "No SuperLink was running.")
+    return 0
+
+
+def run_site_check(args: argparse.Namespace) -> int:
+    """Check the site's set-up and connection."""
+    from client.supernode import preflight
+    from medmeta_common.deploy_config import load_site_config
+
+    config = load_site_config(args.config)
+    if config.insecure:
+        _warn_insecure(f"site {config.name}")
+    preflight(config)
+    print(f"site {config.name}: data, state directory, keys and the connection to "
+          f"{config.superlink} look right")
+    return 0
+
+
+def run_site_start(args: argparse.Namespace) -> int:
+    """Check, then run the SuperNode in the foreground."""
+    from client.supernode import preflight, run_supernode
+    from medmeta_common.deploy_config import load_site_config
+
+    config = load_site_config(args.config)
+    if config.insecure:
+        _warn_insecure(f"site {config.name}")
+    if not config.privacy.enabled:
+        log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
+                    config.name)
+    preflight(config)
+    log.info("site %s: starting the SuperNode (connects to %s)", config.name, config.superlink)
+    return run_supernode(config, args.config)
