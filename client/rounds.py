@@ -9,6 +9,7 @@ released outside the DP guarantee, which covers the encoder updates.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,7 @@ class TrainOutcome:
 
 def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) -> TrainOutcome:
     """Train the global ``encoder`` locally for one round (DP unless the site turned it off)."""
+    started = time.monotonic()
     torch.set_num_threads(site.threads)
     data = site_splits(site, settings.image, settings.seed).train
     head = load_head(site, data.classes, encoder.embedding_dim, settings.model.cosine_scale,
@@ -104,7 +106,8 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) ->
             raise ValueError("the server asked for the non-private 'protonet' loss; this site "
                              "trains under DP and only accepts the per-record 'cosine' loss")
         rate = sample_rate_for(settings.train, len(data), len(data.classes))
-        delta = site.privacy.delta or default_delta(len(data))
+        units = len(data) if site.privacy.unit == "image" else len(np.unique(data.groups))
+        delta = site.privacy.delta or default_delta(units)
         steps = settings.train.local_steps
         with ledger_lock(site.state_dir):
             ledger = PrivacyLedger.open(site.state_dir, site=site.name, delta=delta,
@@ -126,17 +129,19 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) ->
                 metrics.update({NUM_EXAMPLES: 0, "refused": 1, "epsilon": ledger.epsilon,
                                 "steps": ledger.steps})
                 return TrainOutcome(None, metrics)
-            dp = DPSettings(sigma, rate, site.privacy.max_grad_norm)
+            dp = DPSettings(sigma, rate, site.privacy.max_grad_norm, site.privacy.unit)
             stats = train_cosine(model, data, settings.train, dp=dp, sample_rate=rate,
                                  seed=round_seed, device=device, amp=site.amp)
             # The spend is on disk before the update leaves the site.
-            epsilon = ledger.record(settings.server_round, sigma, rate, stats.steps)
+            epsilon = ledger.record(settings.server_round, sigma, rate, stats.steps,
+                                    site.privacy.max_grad_norm)
             metrics.update({"epsilon": epsilon, "steps": ledger.steps,
                             "round-steps": stats.steps})
     save_head(site, head, data.classes)
     if rotation is not None:
         save_rotation_head(site, rotation)
     metrics["refused"] = 0
+    metrics["compute-seconds"] = round(time.monotonic() - started, 3)
     return TrainOutcome(model.encoder, metrics)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from medmeta_common.checkpoint import atomic_torch_save, torch_load
 from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
+from medmeta_common.data.cache import cache_key, load_cached, store
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.data.splits import assign_groups
@@ -39,6 +40,7 @@ class SiteRuntime:
     device: str = "auto"
     amp: bool = True
     threads: int = 1
+    cache_data: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def site_splits(site: SiteRuntime, image: ImageConfig, seed: int) -> SiteSplits:
     """Load (once per process) and split the site's data by patient/group."""
     key = (site.name, site.data, image, site.val_fraction, seed)
     if key not in _SPLITS:
-        data = load_site(site.data, image)
+        data = _load_with_cache(site, image)
         bucket = assign_groups(data.groups, [1 - site.val_fraction, site.val_fraction], seed)
         splits = SiteSplits(data.subset(np.flatnonzero(bucket == 0)),
                             data.subset(np.flatnonzero(bucket == 1)))
@@ -64,6 +66,19 @@ def site_splits(site: SiteRuntime, image: ImageConfig, seed: int) -> SiteSplits:
                  len(splits.train), len(splits.val), len(data.classes))
         _SPLITS[key] = splits
     return _SPLITS[key]
+
+
+def _load_with_cache(site: SiteRuntime, image: ImageConfig) -> SiteData:
+    """Harmonised site data, from the state directory's cache when the source is unchanged."""
+    if not site.cache_data:
+        return load_site(site.data, image)
+    folder = site.state_dir / "data_cache"
+    key = cache_key(site.data, image)
+    data = load_cached(folder, key)
+    if data is None:
+        data = load_site(site.data, image)
+        store(folder, key, data)
+    return data
 
 
 def site_seed(name: str, seed: int) -> int:

@@ -1,0 +1,43 @@
+"""The site's on-disk data cache: reused while the source is unchanged, renewed after."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import client.site as site_module
+from client.site import SiteRuntime, site_splits
+from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
+
+
+def runtime(tmp_path: Path, source: Path) -> SiteRuntime:
+    return SiteRuntime(name="a", data=DataConfig(path=str(source), split="val"),
+                       state_dir=tmp_path / "state", privacy=PrivacyConfig())
+
+
+def test_cache_is_used_and_invalidated(tmp_path: Path, bccd_npz: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "bccd.npz"
+    shutil.copy(bccd_npz, source)
+    site = runtime(tmp_path, source)
+    first = site_splits(site, ImageConfig(), seed=0)
+    assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1
+
+    site_module._SPLITS.clear()  # a fresh process
+    calls = []
+    monkeypatch.setattr(site_module, "load_site", lambda *a, **k: calls.append(1))
+    again = site_splits(site, ImageConfig(), seed=0)
+    assert calls == []  # served from the cache
+    np.testing.assert_array_equal(first.train.images, again.train.images)
+    assert first.train.refs == again.train.refs and first.val.classes == again.val.classes
+
+    site_module._SPLITS.clear()
+    os.utime(source, ns=(1, 1))  # the source changed
+    monkeypatch.undo()
+    renewed = site_splits(site, ImageConfig(), seed=0)
+    np.testing.assert_array_equal(first.train.images, renewed.train.images)
+    assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1
