@@ -59,6 +59,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "simulation run directory (sites/<name>/).")
     report.add_argument("--state", type=Path, required=True, help="state or run directory")
     report.add_argument("--json", action="store_true", help="print one JSON object")
+    report.add_argument("--format", choices=("text", "md", "html"), default="text",
+                        help="md/html: write a report a privacy officer can file, per site, "
+                        "into the site's state directory")
     report.set_defaults(handler=run_privacy_report)
 
 
@@ -121,6 +124,21 @@ def run_privacy_report(args: argparse.Namespace) -> int:
     if not paths:
         raise PrivacyBudgetError(f"{state}: no privacy ledger found (expected {LEDGER_FILE} or "
                                  f"sites/<name>/{LEDGER_FILE})")
+    if args.format in ("md", "html"):
+        from medmeta_common.checkpoint import atomic_write, atomic_write_text
+        from medmeta_common.privacy.report import epsilon_plot_png, to_html, to_markdown
+
+        for path in paths:
+            ledger = read_ledger(path)
+            target = path.parent / f"privacy_report.{args.format}"
+            if args.format == "html":
+                atomic_write_text(target, to_html(ledger))
+            else:
+                png = epsilon_plot_png(ledger)
+                atomic_write(path.parent / "privacy_epsilon.png", lambda h, png=png: h.write(png))
+                atomic_write_text(target, to_markdown(ledger, "privacy_epsilon.png"))
+            print(target)
+        return 0
     sites = {}
     for path in paths:
         ledger = read_ledger(path)

@@ -44,11 +44,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DPSettings:
-    """The DP-SGD mechanism of one round: noise, sampling rate, clipping bound."""
+    """The DP-SGD mechanism of one round: noise, sampling rate, clipping bound, unit.
+
+    With ``unit == "patient"`` patients are Poisson-sampled and each patient's summed
+    gradient (over all their records in the step) is clipped as one contribution.
+    """
 
     noise_multiplier: float
     sample_rate: float
     max_grad_norm: float
+    unit: str = "image"
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,10 @@ def train_cosine(
     generator = torch.Generator().manual_seed(seed)
     n_classes = len(data.classes)
     ways = min(train.ways or n_classes, n_classes)
+    by_patient = dp is not None and dp.unit == "patient"
     sampler = PoissonEpisodeSampler(data.labels, n_classes=n_classes, ways=ways,
-                                    sample_rate=sample_rate, rng=rng)
+                                    sample_rate=sample_rate, rng=rng,
+                                    groups=data.groups if by_patient else None)
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels)
     model.to(device).train()
@@ -151,8 +158,13 @@ def train_cosine(
         loss_sum = loss_sum / views
         if dp is not None:
             loss_sum.backward()  # an empty batch still takes the noise-only step
-            if views > 1:
-                _merge_views(model, len(index), views)
+            if by_patient:
+                assert sampler.units is not None
+                _, unit_of_record = np.unique(sampler.units[index], return_inverse=True)
+                rows = torch.from_numpy(unit_of_record).repeat_interleave(views)
+                _merge_rows(model, rows, int(unit_of_record.max(initial=-1)) + 1)
+            elif views > 1:
+                _merge_rows(model, torch.arange(len(index)).repeat_interleave(views), len(index))
             optimizer.step()
         elif len(index):
             (loss_sum / len(index)).backward()
@@ -175,12 +187,18 @@ def rotate_by(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _merge_views(model: torch.nn.Module, records: int, views: int) -> None:
-    """Sum each record's per-view gradients into one per-record gradient (before clipping)."""
+def _merge_rows(model: torch.nn.Module, unit_of_row: torch.Tensor, units: int) -> None:
+    """Sum the per-row gradients of each privacy unit into one gradient (before clipping).
+
+    Rows are augmented views of a record, or records of a patient: each unit then
+    contributes one gradient, and DP-SGD clips that.
+    """
     for param in model.parameters():
         sample = getattr(param, "grad_sample", None)
-        if sample is not None:
-            param.grad_sample = sample.view(records, views, *sample.shape[1:]).sum(dim=1)
+        if sample is not None and len(unit_of_row):
+            merged = torch.zeros((units, *sample.shape[1:]), dtype=sample.dtype,
+                                 device=sample.device)
+            param.grad_sample = merged.index_add_(0, unit_of_row.to(sample.device), sample)
 
 
 def train_protonet(

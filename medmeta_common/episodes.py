@@ -105,6 +105,10 @@ class PoissonEpisodeSampler:
     rng : np.random.Generator
         Source of randomness (seed it for reproducible runs; use fresh entropy in
         production so the sampling stays secret).
+    groups : np.ndarray, optional
+        Patient (or other unit) of each record. When given, Poisson sampling is over
+        *patients*: each patient is in a step with probability ``sample_rate``, and
+        with them all their records of the drawn classes (patient-level privacy).
 
     """
 
@@ -116,6 +120,7 @@ class PoissonEpisodeSampler:
         ways: int,
         sample_rate: float,
         rng: np.random.Generator,
+        groups: np.ndarray | None = None,
     ) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -127,6 +132,10 @@ class PoissonEpisodeSampler:
         self.sample_rate = sample_rate
         self.rng = rng
         self._members = [np.flatnonzero(self.labels == c) for c in range(n_classes)]
+        self.units: np.ndarray | None = None
+        if groups is not None:
+            _, self.units = np.unique(np.asarray(groups), return_inverse=True)
+        self.n_units = len(self.labels) if self.units is None else int(self.units.max()) + 1
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """One step: the drawn classes and the positions of the included records.
@@ -135,9 +144,17 @@ class PoissonEpisodeSampler:
         """
         classes = np.sort(self.rng.choice(self.n_classes, size=self.ways, replace=False))
         candidates = np.concatenate([self._members[c] for c in classes])
-        keep = self.rng.random(len(candidates)) < self.sample_rate
+        if self.units is None:
+            keep = self.rng.random(len(candidates)) < self.sample_rate
+        else:  # one coin per patient, shared by all of that patient's records
+            drawn = self.rng.random(self.n_units) < self.sample_rate
+            keep = drawn[self.units[candidates]]
         return classes, np.sort(candidates[keep])
 
     def expected_batch_size(self) -> float:
-        """Mean batch size over steps: ``sample_rate * ways / n_classes * N``."""
-        return self.sample_rate * self.ways / self.n_classes * len(self.labels)
+        """Mean number of privacy units per step: ``sample_rate * ways / n_classes * N``.
+
+        ``N`` counts records, or patients under patient-level sampling (then an upper
+        bound: a patient without records of the drawn classes contributes nothing).
+        """
+        return self.sample_rate * self.ways / self.n_classes * self.n_units

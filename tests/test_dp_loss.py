@@ -104,7 +104,7 @@ def test_dp_round_runs_with_empty_batches(brain_npz: Path) -> None:
 
 def test_views_of_a_record_merge_into_one_per_record_gradient(brain_npz: Path) -> None:
     """Augmentation multiplicity and rotation views: one gradient per record, then clip."""
-    from client.train import _merge_views, rotate_by
+    from client.train import _merge_rows, rotate_by
 
     images, labels = real_batch(brain_npz, per_class=2)
     classes = np.unique(labels.numpy())
@@ -128,7 +128,7 @@ def test_views_of_a_record_merge_into_one_per_record_gradient(brain_npz: Path) -
     net = with_rotation()
     gsm = GradSampleModule(net, loss_reduction="sum")
     loss(gsm, batch, labels.repeat_interleave(views), turns).backward()
-    _merge_views(net, len(images), views)
+    _merge_rows(net, torch.arange(len(images)).repeat_interleave(views), len(images))
     merged = [p.grad_sample.detach().clone() for p in net.parameters()]
     gsm._close()
     assert all(m.shape[0] == len(images) for m in merged)

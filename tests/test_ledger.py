@@ -72,3 +72,17 @@ def test_second_process_cannot_train_on_the_same_state(tmp_path: Path) -> None:
     with (ledger_lock(tmp_path), pytest.raises(PrivacyBudgetError, match="another process"),
           ledger_lock(tmp_path)):
         pass
+
+
+def test_privacy_report_states_the_guarantee(tmp_path: Path) -> None:
+    from medmeta_common.privacy.report import to_html, to_markdown
+
+    ledger = open_ledger(tmp_path)
+    ledger.record(1, 1.2, 0.05, 20, max_grad_norm=0.8)
+    ledger.record(2, 1.2, 0.05, 20, max_grad_norm=0.8)
+    for text in (to_markdown(ledger, "plot.png"), to_html(ledger)):
+        assert f"{ledger.epsilon:.4f}" in text and "1.00e-05" in text
+        assert "image" in text and "Balle et al. 2020" in text
+        assert "0.8" in text and "1.2" in text and "0.05" in text
+        assert "never" in text and "per-record gradients" in text
+    assert "data:image/png;base64," in to_html(ledger)

@@ -39,6 +39,7 @@ class RoundEntry:
     sample_rate: float
     epsilon: float
     time: float
+    max_grad_norm: float | None = None
 
 
 @dataclass
@@ -137,7 +138,7 @@ class PrivacyLedger:
         return epsilon_of([*self.history, (noise_multiplier, sample_rate, steps)], self.delta)
 
     def record(self, round_number: int, noise_multiplier: float, sample_rate: float,
-               steps: int) -> float:
+               steps: int, max_grad_norm: float | None = None) -> float:
         """Add one round's steps, save atomically, and return the new ε."""
         last = self.history[-1] if self.history else None
         if last and last[0] == noise_multiplier and last[1] == sample_rate:
@@ -146,7 +147,7 @@ class PrivacyLedger:
             self.history.append((noise_multiplier, sample_rate, steps))
         epsilon = self.epsilon
         self.rounds.append(RoundEntry(round_number, steps, noise_multiplier, sample_rate,
-                                      epsilon, time.time()))
+                                      epsilon, time.time(), max_grad_norm))
         self.save()
         return epsilon
 
