@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -33,7 +34,7 @@ from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 from medmeta_common.protocol import layout_of
-from server.aggregation import aggregate
+from server.aggregation import server_target
 from server.meta_update import MetaOptimizer
 from server.update_checks import screen_update, update_norm
 
@@ -87,6 +88,7 @@ def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "
     state = {k: v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
     meta = MetaOptimizer(config.server, state)
     server = config.server
+    noise = np.random.default_rng(secrets.randbits(128))  # central DP: never the run seed
     history = []
     for round_number in range(1, config.rounds + 1):
         started = time.monotonic()
@@ -113,8 +115,8 @@ def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "
             states.append(sent)
             weights.append(float(outcome.metrics["num-examples"]))
         if len(states) >= config.min_sites:
-            target = aggregate(states, weights, method=server.aggregator,
-                               trim_fraction=server.trim_fraction, max_faulty=server.max_faulty)
+            target = server_target(states, weights, state, server, sites_asked=len(sites),
+                                   rng=noise)
             state = meta.step(state, target)
             encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         else:

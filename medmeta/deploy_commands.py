@@ -167,7 +167,9 @@ def server_status(config_path: Path) -> dict[str, Any]:
             if isinstance(metrics.get("epsilon"), (int, float)):
                 epsilon[site] = float(metrics["epsilon"])
     pid = link.pid()
+    central = [r["central_epsilon"] for r in train if "central_epsilon" in r]
     status: dict[str, Any] = {
+        "central_epsilon": central[-1] if central else None,
         "superlink": {"running": pid is not None, "pid": pid},
         "rounds_done": train[-1]["round"] if train else 0,
         "rounds_planned": config.rounds,
@@ -203,7 +205,9 @@ def run_server_status(args: argparse.Namespace) -> int:
     if status["last_accuracy"] is not None:
         print(f"few-shot validation accuracy (last round): {status['last_accuracy']:.3f}")
     for site, eps in sorted(status["epsilon"].items()):
-        print(f"  {site:<20} epsilon {eps:.3f} (as reported)")
+        print(f"  {site:<20} epsilon {eps:.3f} (record-level, as reported by the site)")
+    if status["central_epsilon"] is not None:
+        print(f"site-level (central) epsilon at the server: {status['central_epsilon']:.3f}")
     return 0
 
 

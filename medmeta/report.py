@@ -59,6 +59,13 @@ def write_report(out_dir: Path, config: FederationConfig, records: list[dict[str
                          f"{ledger.delta:.2e} | {ledger.steps} | {ledger.unit} |")
         else:
             lines.append(f"| {site.name} | **off** | - | - | - | - | - |")
+    central = [r["central_epsilon"] for r in records if "central_epsilon" in r]
+    if central and config.server.central_dp is not None:
+        lines += ["", f"Central (site-level) DP at the server: epsilon {central[-1]:.3f} at delta "
+                  f"{config.server.central_dp.delta:g} for a whole site's participation "
+                  f"(clip {config.server.central_dp.clip:g}, noise multiplier "
+                  f"{config.server.central_dp.noise_multiplier:g}), reported separately from "
+                  "the record-level epsilon above."]
     lines += ["", f"Accounting: {CONVERSION}. The guarantee covers the encoder updates a site "
               "sends; the sizes of its training and validation sets and its validation accuracy "
               "are released outside it.", ""]

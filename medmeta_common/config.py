@@ -269,6 +269,33 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class CentralDPConfig:
+    """Site-level DP at the server (on top of the sites' record-level DP).
+
+    Attributes
+    ----------
+    clip : float
+        L2 bound on each site's update (encoder minus global encoder).
+    noise_multiplier : float
+        Noise std on the sum of the clipped updates, in units of ``clip``.
+    delta : float
+        δ of the site-level (ε, δ) guarantee; keep it well below 1 / number of sites.
+
+    """
+
+    clip: float
+    noise_multiplier: float
+    delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check(self.clip > 0, field="clip", expected="a positive number", found=self.clip)
+        check(self.noise_multiplier > 0, field="noise_multiplier",
+              expected="a positive number", found=self.noise_multiplier)
+        check(0 < self.delta < 0.1, field="delta", expected="a number in (0, 0.1)",
+              found=self.delta)
+
+
+@dataclass(frozen=True)
 class MetaUpdateConfig:
     """How the server turns site updates into a new global encoder.
 
@@ -313,6 +340,7 @@ class MetaUpdateConfig:
     trim_fraction: float = 0.2
     max_faulty: int = 1
     max_update_norm: float | None = None
+    central_dp: CentralDPConfig | None = None
 
     def __post_init__(self) -> None:
         check(0 <= self.trim_fraction < 0.5, field="trim_fraction",
@@ -331,6 +359,9 @@ class MetaUpdateConfig:
         check(self.min_sites is None or self.min_sites >= 1, field="min_sites",
               expected="at least 1 (or null: 2, or 1 for a one-site federation)",
               found=self.min_sites)
+        check(self.central_dp is None or self.aggregator == "mean", field="central_dp",
+              expected="aggregator 'mean' (the robust rules have no site-level DP analysis)",
+              found=self.aggregator)
 
 
 @dataclass(frozen=True)
@@ -421,7 +452,7 @@ class MethodConfig:
 # Server settings added after runs were already being made, with their defaults: left
 # out of fingerprints while at the default, so that those runs can still be resumed.
 _LATER_SERVER_DEFAULTS = {"aggregator": "mean", "trim_fraction": 0.2, "max_faulty": 1,
-                          "max_update_norm": None}
+                          "max_update_norm": None, "central_dp": None}
 
 
 def _fingerprint(data: dict) -> str:
@@ -504,6 +535,7 @@ def load_config(path: Path | str) -> FederationConfig:
 
 
 __all__ = [
+    "CentralDPConfig",
     "ConfigError",
     "DataConfig",
     "FederationConfig",

@@ -27,6 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from medmeta_common.config import MetaUpdateConfig
+from server.central_dp import noisy_mean_update
+
 State = Mapping[str, np.ndarray]
 
 AGGREGATORS = ("mean", "trimmed_mean", "median", "multikrum")
@@ -181,3 +184,19 @@ def aggregate(states: Sequence[State], weights: Sequence[float], *, method: str,
     if method == "multikrum":
         return multikrum(states, weights, max_faulty)
     raise ValueError(f"unknown aggregator {method!r}; choose one of {', '.join(AGGREGATORS)}")
+
+
+def server_target(states: Sequence[State], weights: Sequence[float], current: State,
+                  server: MetaUpdateConfig, *, sites_asked: int,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """What the meta-update moves toward this round.
+
+    The chosen aggregate of the sites' encoders, or, with ``server.central_dp``, the
+    clipped and noised mean update.
+    """
+    if server.central_dp is not None:
+        return noisy_mean_update(states, current, clip=server.central_dp.clip,
+                                 noise_multiplier=server.central_dp.noise_multiplier,
+                                 sites_asked=sites_asked, rng=rng)
+    return aggregate(states, weights, method=server.aggregator,
+                     trim_fraction=server.trim_fraction, max_faulty=server.max_faulty)

@@ -68,9 +68,11 @@ class RunRecorder:
         sites = record["sites"]
         epsilons = [m["epsilon"] for m in sites.values() if isinstance(m.get("epsilon"), float)]
         others = {s: m["status"] for s, m in sites.items() if m["status"] != "accepted"}
-        log.info("round %d/%d: %d/%d site update(s) accepted%s%s (%.1f s)", round_number,
+        central = record.get("central_epsilon")
+        log.info("round %d/%d: %d/%d site update(s) accepted%s%s%s (%.1f s)", round_number,
                  self.config.rounds, record["accepted"], len(sites),
                  f", max epsilon {max(epsilons):.2f}" if epsilons else "",
+                 f", site-level (central) epsilon {central:.2f}" if central is not None else "",
                  f", {others}" if others else "", record["seconds"])
 
     def evaluate_done(self, round_number: int, record: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ Flower's ``Strategy.start`` owns the round loop; we only override hooks:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -36,7 +37,8 @@ from medmeta_common.protocol import (
     finite_float,
 )
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
-from server.aggregation import aggregate
+from server.aggregation import server_target
+from server.central_dp import central_epsilon
 from server.meta_update import MetaOptimizer
 from server.update_checks import screen_update, update_norm
 
@@ -109,6 +111,9 @@ class MetaStrategy(FedAvg):
         self.query_timeout = query_timeout
         self.site_names: dict[int, str] = {}
         self._current: dict[str, np.ndarray] | None = None
+        self._sites_asked = 0
+        # Central-DP noise must be unpredictable: fresh OS entropy, never the run seed.
+        self._noise = np.random.default_rng(secrets.randbits(128))
         self._round_started = time.monotonic()
 
     # --- helpers ---------------------------------------------------------------------
@@ -144,8 +149,9 @@ class MetaStrategy(FedAvg):
         self._round_started = time.monotonic()
         self._current = arrays_to_numpy(arrays)
         # Sampling waits until enough sites are connected; ask the names after it.
-        messages = super().configure_train(self._global_round(server_round), arrays, config,
-                                           grid)
+        messages = list(super().configure_train(self._global_round(server_round), arrays,
+                                                config, grid))
+        self._sites_asked = len(messages)
         self._learn_site_names(grid)
         return messages
 
@@ -171,9 +177,14 @@ class MetaStrategy(FedAvg):
                                   "accepted": len(accepted)}
         if len(accepted) >= self.min_sites:
             server = self.meta_optimizer.config
-            target = aggregate([a for _, a, _ in accepted], [w for _, _, w in accepted],
-                               method=server.aggregator, trim_fraction=server.trim_fraction,
-                               max_faulty=server.max_faulty)
+            target = server_target([a for _, a, _ in accepted], [w for _, _, w in accepted],
+                                   self._current, server, sites_asked=self._sites_asked,
+                                   rng=self._noise)
+            if server.central_dp is not None:
+                dp = server.central_dp
+                record["central_epsilon"] = central_epsilon(dp.noise_multiplier, round_number,
+                                                            dp.delta)
+                record["central_delta"] = dp.delta
             new = self.meta_optimizer.step(self._current, target)
             record["update_norm"] = update_norm(new, self._current)
         else:
