@@ -111,6 +111,20 @@ def evaluate(encoder: torch.nn.Module, config: FederationConfig, scenarios: dict
     return results
 
 
+def done_results(files: list[Path], split: str) -> dict[str, dict]:
+    """Figures already measured in earlier runs of the same split (resume and merge)."""
+    results: dict[str, dict] = {}
+    for file in files:
+        if not file.exists():
+            continue
+        earlier = json.loads(file.read_text())
+        if earlier.get("split") != split:
+            raise SystemExit(f"{file}: figures of split {earlier.get('split')!r}, "
+                             f"not {split!r}; refusing to mix them")
+        results.update(earlier["results"])
+    return results
+
+
 def method_configs(base: FederationConfig, epsilons: list[float]) -> dict[str, FederationConfig]:
     """FedAvg and medmeta variants of the benchmark federation."""
     # Plain FedAvg as usually deployed: local SGD lr 0.1, momentum 0.9, plain convolutions,
@@ -188,7 +202,11 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--scratch-episodes", type=int, default=100)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=None, help="write all figures as JSON")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the figures as JSON after every method; methods already "
+                        "in an existing file are kept and not run again (resume)")
+    parser.add_argument("--merge", type=Path, action="append", default=[], metavar="JSON",
+                        help="take the figures of another run (same split) as done; repeatable")
     parser.add_argument("--save-encoders", type=Path, default=None,
                         help="also save every trained encoder here (state dicts)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -214,26 +232,37 @@ def main() -> None:
           f"local_steps={base.train.local_steps}, episodes={episodes}, device={args.device}, "
           f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}",
           flush=True)
-    results: dict[str, dict] = {}
+    results = done_results(([args.out] if args.out else []) + args.merge, args.split)
+    if results:
+        log.info("already measured, not run again: %s", ", ".join(results))
+
+    def record(name: str, figures: dict[str, dict]) -> None:
+        results[name] = figures
+        if args.out:  # after every method, atomically: a killed run keeps what it measured
+            tmp_out = args.out.with_suffix(".json.tmp")
+            tmp_out.write_text(json.dumps({"split": args.split, "shots": shots,
+                                           "results": results}, indent=1))
+            tmp_out.replace(args.out)
+
     with tempfile.TemporaryDirectory(prefix="medmeta-bench-") as tmp:
         folder = Path(tmp)
         data = scenario_data(args.data, args.split, folder)
         scenarios = {n: load_site(d, base.image) for n, d in data.items()}
         untrained = build_encoder(base.model, base.image, base.seed)
-        if "untrained" in methods:
-            results["untrained"] = evaluate(untrained, base, scenarios, shots, episodes)
-        if "scratch" in methods:
-            results["scratch"] = evaluate(untrained, base, scenarios, shots, episodes,
+        if "untrained" in methods and "untrained" not in results:
+            record("untrained", evaluate(untrained, base, scenarios, shots, episodes))
+        if "scratch" in methods and "scratch" not in results:
+            record("scratch", evaluate(untrained, base, scenarios, shots, episodes,
                                           finetune_steps=scratch_steps, finetune="all",
-                                          max_episodes=args.scratch_episodes)
-        if "central" in methods:
+                                          max_episodes=args.scratch_episodes))
+        if "central" in methods and "central" not in results:
             steps = base.rounds * base.train.local_steps * len(base.sites)
             encoder = run_centralized(replace(base, privacy=replace(base.privacy,
                                                                     enabled=False)),
                                       folder / "central", steps=steps, device=args.device)
-            results["central"] = evaluate(encoder, base, scenarios, shots, episodes)
+            record("central", evaluate(encoder, base, scenarios, shots, episodes))
         for name, config in method_configs(base, epsilons).items():
-            if name.split()[0] not in methods:
+            if name.split()[0] not in methods or name in results:
                 continue
             t0 = time.monotonic()
             encoder, _ = run_inprocess(config, folder / name.replace(" ", "_"),
@@ -242,11 +271,8 @@ def main() -> None:
                 args.save_encoders.mkdir(parents=True, exist_ok=True)
                 torch.save(encoder.state_dict(),
                            args.save_encoders / f"{name.replace(' ', '_')}.pt")
-            results[name] = evaluate(encoder, config, scenarios, shots, episodes)
+            record(name, evaluate(encoder, config, scenarios, shots, episodes))
             log.info("%s trained and evaluated in %.0f s", name, time.monotonic() - t0)
-    if args.out:
-        args.out.write_text(json.dumps({"split": args.split, "shots": shots,
-                                        "results": results}, indent=1))
     print(table(results, shots))
     if "untrained" in results:
         print()

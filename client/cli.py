@@ -64,6 +64,107 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "into the site's state directory")
     report.set_defaults(handler=run_privacy_report)
 
+    audit = privacy_commands.add_parser(
+        "audit", help="empirical epsilon lower bound from canaries (fails if above the claim)",
+        description="One-run privacy audit (Steinke, Nasr & Jagielski 2023): train the "
+        "method's DP-SGD once on this site's data plus random canaries, each included with "
+        "probability 1/2, then guess which canaries were included. The hits give an "
+        "epsilon lower bound at 95%% confidence. Fails (exit 7) if the bound exceeds the "
+        "claimed epsilon, or if the non-private control shows no leakage (a blind audit). "
+        "Everything stays on this machine.")
+    audit.add_argument("--config", type=Path, required=True,
+                       help="the federation or server YAML whose method is audited")
+    audit.add_argument("--data", default=None,
+                       help="the site's data (default: the first site of a federation config)")
+    audit.add_argument("--epsilon", type=float, default=None,
+                       help="claimed epsilon (default: the config's privacy.epsilon)")
+    audit.add_argument("--steps", type=int, default=None,
+                       help="DP-SGD steps; the noise is calibrated so that they spend exactly "
+                       "the claimed epsilon (default: rounds x local_steps, at least "
+                       "300 so that the non-private control can memorise canaries)")
+    audit.add_argument("--records", type=int, default=None,
+                       help="audit on a random subset of this many of the site's images")
+    audit.add_argument("--batch-size", type=int, default=None,
+                       help="expected records per step (default: the method's batch size)")
+    audit.add_argument("--canaries", type=int, default=200, help="canaries (half included)")
+    audit.add_argument("--guesses", type=int, default=40,
+                       help="membership guesses on each side (in / out)")
+    audit.add_argument("--no-control", action="store_true",
+                       help="skip the non-private control run")
+    audit.add_argument("--min-control-epsilon", type=float, default=1.0,
+                       help="the control must show at least this lower bound")
+    audit.add_argument("--noise-multiplier", type=float, default=None,
+                       help="train with this noise instead of the calibrated one, to check "
+                       "that the audit catches a broken setting (e.g. 0)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
+    audit.set_defaults(handler=run_privacy_audit)
+
+
+def run_privacy_audit(args: argparse.Namespace) -> int:
+    """Audit the method's DP-SGD on a site's data; fail loudly if the claim is contradicted."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from client.audit import audit_mechanism
+    from medmeta_common.config import DataConfig
+    from medmeta_common.data.sources import load_site
+    from medmeta_common.deploy_config import load_any_config
+    from medmeta_common.errors import ConfigError, PrivacyAuditError
+
+    config = load_any_config(args.config)
+    if getattr(config, "kind", "") == "site":
+        raise ConfigError(source=str(args.config), field="kind", expected="a federation or "
+                          "server config (the method to audit)", found="'site'")
+    if args.data is not None:
+        data = DataConfig(path=args.data, split=None)
+    elif getattr(config, "sites", None):
+        data = config.sites[0].data
+    else:
+        raise ConfigError(source="--data", field="data", expected="the site's data path",
+                          found="nothing (a server config names no site data)")
+    privacy = getattr(config, "privacy", None)
+    epsilon = args.epsilon or (privacy.epsilon if privacy else 8.0)
+    max_grad_norm = privacy.max_grad_norm if privacy else 1.0
+    steps = args.steps or max(config.rounds * config.train.local_steps, 300)
+    site = load_site(data, config.image)
+    if args.records is not None and args.records < len(site.labels):
+        site = site.subset(np.random.default_rng(args.seed).permutation(
+            len(site.labels))[:args.records])
+    train = config.train
+    if args.batch_size is not None:
+        train = replace(train, batch_size=args.batch_size)
+    log.info("auditing %d DP-SGD steps at epsilon %g on %s (%d images) with %d canaries",
+             steps, epsilon, data.path, len(site.labels), args.canaries)
+    outcome = audit_mechanism(site, image=config.image, model=config.model,
+                              train=train, epsilon=epsilon, steps=steps,
+                              max_grad_norm=max_grad_norm, canaries=args.canaries,
+                              guesses_per_side=args.guesses, control=not args.no_control,
+                              seed=args.seed, noise_multiplier_used=args.noise_multiplier)
+    problem = outcome.problem(args.min_control_epsilon)
+    runs = {"dp": outcome.dp, "control": outcome.control}
+    figures = {name: {"epsilon_lower_bound": r.result.epsilon_lower_bound,
+                      "correct": r.result.correct, "guesses": r.result.guesses,
+                      "claimed_epsilon": r.claimed_epsilon,
+                      "noise_multiplier": r.noise_multiplier,
+                      "noise_multiplier_trained": (args.noise_multiplier
+                                                   if name == "dp" and args.noise_multiplier
+                                                   is not None else r.noise_multiplier),
+                      "sample_rate": r.sample_rate, "steps": r.steps, "delta": r.delta}
+               for name, r in runs.items() if r is not None}
+    if args.json:
+        print(json.dumps({"runs": figures, "canaries": args.canaries, "confidence": 0.95,
+                          "passed": problem is None, "problem": problem}))
+    else:
+        for name, f in figures.items():
+            claim = f"claimed {f['claimed_epsilon']:g}" if f["claimed_epsilon"] else "no DP"
+            print(f"{name:<8} {claim:<14} lower bound {f['epsilon_lower_bound']:.2f} "
+                  f"({f['correct']}/{f['guesses']} guesses right, 95% confidence)")
+    if problem:
+        raise PrivacyAuditError(f"privacy audit failed: {problem}")
+    return 0
+
 
 def run_adapt(args: argparse.Namespace) -> int:
     """Evaluate few-shot adaptation and optionally save the adapted classifier."""

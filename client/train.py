@@ -23,6 +23,7 @@ couples records; it is for non-private runs only (the config refuses it under DP
 from __future__ import annotations
 
 import logging
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -107,8 +108,14 @@ def train_cosine(
     device: torch.device,
     amp: bool = False,
 ) -> RoundStats:
-    """``train.local_steps`` steps of (DP-)SGD on the per-record cosine-classifier loss."""
-    rng = np.random.default_rng(seed)
+    """``train.local_steps`` steps of (DP-)SGD on the per-record cosine-classifier loss.
+
+    Under DP the record sampling and the noise are drawn from fresh OS entropy, never
+    from ``seed``: the seed is in the federation's config, and the analysis (privacy
+    amplification by Poisson sampling, Gaussian noise) needs both hidden from the server.
+    DP runs are therefore not bit-reproducible; non-private runs are.
+    """
+    rng = np.random.default_rng(secrets.randbits(128) if dp is not None else seed)
     generator = torch.Generator().manual_seed(seed)
     n_classes = len(data.classes)
     ways = min(train.ways or n_classes, n_classes)
@@ -132,7 +139,9 @@ def train_cosine(
         optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
                                 max_grad_norm=dp.max_grad_norm,
                                 expected_batch_size=sampler.expected_batch_size(),
-                                loss_reduction="mean")
+                                loss_reduction="mean",
+                                generator=torch.Generator(device=device).manual_seed(
+                                    secrets.randbits(63)))
     views = train.augment_multiplicity if train.augment else 1
     rotate = model.rotation is not None and train.rotation_weight > 0
     losses, seen = [], 0

@@ -85,3 +85,9 @@ class FederationError(MedmetaError):
     """The federation could not run or complete (too few sites, engine failure)."""
 
     exit_code = 6
+
+
+class PrivacyAuditError(MedmetaError):
+    """An empirical privacy audit contradicts the claimed ε, or cannot test it."""
+
+    exit_code = 7
