@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.rounds import RoundSettings, evaluate_round, read_settings, train_round
+from client.secure import secure_aggregation_mod
 from client.site import SiteRuntime
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import encoder_spec
@@ -71,7 +72,7 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
     """A ClientApp whose site settings come from ``resolve(context)``."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, resolve(context))
 

@@ -296,6 +296,59 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Secure aggregation (Flower's SecAgg+): the server learns only the sum of updates.
+
+    Each site quantises its update (encoder minus global encoder, scaled by its record
+    count over ``max_weight``), masks it with pairwise and private masks, and the
+    server can remove the masks only from the sum. Sites that drop out after sending
+    their key shares are unmasked from the shares of ``threshold`` others.
+
+    Attributes
+    ----------
+    num_shares : float or int
+        Neighbours each site secret-shares its keys with (a fraction of the sampled
+        sites, or a count). ``1.0``: everyone (classic SecAgg).
+    reconstruction_threshold : float or int
+        Shares needed to unmask (fraction of ``num_shares``, or a count). Fewer
+        surviving sites abort the round; more shares tolerate fewer dropouts but resist
+        more colluding sites.
+    clipping_range : float
+        Every coordinate of an update is clipped to ``[-clipping_range, clipping_range]``
+        before quantisation.
+    quantization_range : int
+        Integer levels over the clipping range (``2**22``: steps of about 5e-7 per unit).
+    max_weight : float
+        The largest record count a site may weigh in with; a larger site refuses the
+        round with an error naming this setting. Precision scales with
+        ``records / max_weight``, so keep it near the largest site.
+    timeout : float, optional
+        Seconds each protocol stage waits for replies (default: the round timeout).
+
+    """
+
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 1.0
+    quantization_range: int = 2**22
+    max_weight: float = 10_000.0
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.num_shares > 0, field="num_shares", expected="a positive fraction or count",
+              found=self.num_shares)
+        check(self.reconstruction_threshold > 0, field="reconstruction_threshold",
+              expected="a positive fraction or count", found=self.reconstruction_threshold)
+        check(self.clipping_range > 0, field="clipping_range", expected="a positive number",
+              found=self.clipping_range)
+        check(2 <= self.quantization_range <= 2**24, field="quantization_range",
+              expected="an integer in [2, 2**24] (the masks live modulo 2**32)",
+              found=self.quantization_range)
+        check(self.max_weight >= 1, field="max_weight", expected="at least 1",
+              found=self.max_weight)
+
+
+@dataclass(frozen=True)
 class MetaUpdateConfig:
     """How the server turns site updates into a new global encoder.
 
@@ -325,6 +378,10 @@ class MetaUpdateConfig:
     max_update_norm : float, optional
         Reject a site's update whose L2 norm ``|theta_i - theta|`` exceeds this;
         ``null`` (default) turns the bound off.
+    central_dp : CentralDPConfig, optional
+        Site-level DP at the server (:mod:`server.central_dp`).
+    secure_aggregation : SecureAggregationConfig, optional
+        SecAgg+: the server sees only the sum of the updates (:mod:`server.secure`).
 
     """
 
@@ -341,6 +398,7 @@ class MetaUpdateConfig:
     max_faulty: int = 1
     max_update_norm: float | None = None
     central_dp: CentralDPConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = None
 
     def __post_init__(self) -> None:
         check(0 <= self.trim_fraction < 0.5, field="trim_fraction",
@@ -362,6 +420,19 @@ class MetaUpdateConfig:
         check(self.central_dp is None or self.aggregator == "mean", field="central_dp",
               expected="aggregator 'mean' (the robust rules have no site-level DP analysis)",
               found=self.aggregator)
+        if self.secure_aggregation is not None:
+            # The server sees only the sum: nothing per site can be checked or clipped.
+            check(self.aggregator == "mean", field="secure_aggregation",
+                  expected="aggregator 'mean' (robust rules need the individual updates, "
+                  "which secure aggregation hides from the server)", found=self.aggregator)
+            check(self.max_update_norm is None, field="secure_aggregation",
+                  expected="max_update_norm: null (the server cannot measure an update it "
+                  "never sees; each coordinate is bounded by clipping_range instead)",
+                  found=f"max_update_norm {self.max_update_norm}")
+            check(self.central_dp is None, field="secure_aggregation",
+                  expected="central_dp: null (site-level DP clips each update at the server, "
+                  "which secure aggregation hides; not supported together yet)",
+                  found="central_dp set")
 
 
 @dataclass(frozen=True)
@@ -452,7 +523,8 @@ class MethodConfig:
 # Server settings added after runs were already being made, with their defaults: left
 # out of fingerprints while at the default, so that those runs can still be resumed.
 _LATER_SERVER_DEFAULTS = {"aggregator": "mean", "trim_fraction": 0.2, "max_faulty": 1,
-                          "max_update_norm": None, "central_dp": None}
+                          "max_update_norm": None, "central_dp": None,
+                          "secure_aggregation": None}
 
 
 def _fingerprint(data: dict) -> str:

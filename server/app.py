@@ -120,9 +120,20 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         fraction_evaluate=config.server.fraction_evaluate,
     )
     settings = settings_record(config)
-    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(initial), num_rounds=remaining,
-                   timeout=config.server.round_timeout, train_config=settings,
-                   evaluate_config=ConfigRecord(dict(settings)))
+    if config.server.secure_aggregation is not None:
+        from server.secure import run_secure_rounds
+
+        log.info("secure aggregation (SecAgg+) is on: the server sees only the sum of the "
+                 "site updates")
+        run_secure_rounds(grid, strategy, config.server.secure_aggregation, initial=initial,
+                          rounds=remaining, settings=settings,
+                          fraction_train=config.server.fraction_train,
+                          fraction_evaluate=config.server.fraction_evaluate,
+                          round_timeout=config.server.round_timeout)
+    else:
+        strategy.start(grid=grid, initial_arrays=numpy_to_arrays(initial),
+                       num_rounds=remaining, timeout=config.server.round_timeout,
+                       train_config=settings, evaluate_config=ConfigRecord(dict(settings)))
     records = state.read_metrics()
     write_rounds_csv(records, out_dir / "rounds.csv")
     write_plots(records, out_dir)

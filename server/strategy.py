@@ -122,7 +122,8 @@ class MetaStrategy(FedAvg):
         """The name a site gave, or its node id."""
         return self.site_names.get(node_id, f"node-{node_id}")
 
-    def _learn_site_names(self, grid: Grid) -> None:
+    def learn_site_names(self, grid: Grid) -> None:
+        """Ask newly connected sites for their names (operator metadata, not data)."""
         unknown = [n for n in grid.get_node_ids() if n not in self.site_names]
         if not unknown:
             return
@@ -152,7 +153,7 @@ class MetaStrategy(FedAvg):
         messages = list(super().configure_train(self._global_round(server_round), arrays,
                                                 config, grid))
         self._sites_asked = len(messages)
-        self._learn_site_names(grid)
+        self.learn_site_names(grid)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -1,0 +1,213 @@
+"""Secure aggregation rounds: Flower's SecAgg+ protocol feeding the meta-update.
+
+With ``server.secure_aggregation`` set, each training round runs Flower's
+:class:`~flwr.server.workflow.SecAggPlusWorkflow` (setup, key sharing, masked
+upload, unmasking) against the sites' ``secaggplus_mod``. What the server learns is
+the record-weighted mean of the sites' updates, ``sum_i n_i (theta_i - theta) /
+sum_i n_i``, plus each site's plain metrics (record count, ε spent, steps): never a
+single site's update. The meta-update then proceeds as in
+:class:`server.strategy.MetaStrategy`.
+
+Flower ships SecAgg+ only for its legacy strategy interface, so
+:class:`SecureRoundStrategy` is the small legacy face the workflow talks to:
+``configure_fit`` samples the sites and ``aggregate_fit`` receives the unmasked mean.
+
+What secure aggregation costs (see docs/privacy.md): the server cannot validate,
+bound or robustly aggregate individual updates (the config refuses those options),
+every coordinate is clipped to ``clipping_range`` and quantised, and each round takes
+four message exchanges instead of one. A round in which fewer than the threshold of
+sites survive is aborted: the global encoder is kept and the round is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from medmeta_common.config import SecureAggregationConfig
+from medmeta_common.protocol import NUM_EXAMPLES, TRAIN_METRICS, finite_float
+from medmeta_common.wire import numpy_to_arrays
+from server.strategy import MetaStrategy
+from server.update_checks import update_norm
+
+log = logging.getLogger(__name__)
+
+
+def _share_setting(value: float) -> int | float:
+    """Flower reads an int as a count and a float as a fraction; YAML numbers arrive as floats."""
+    return int(value) if value > 1 and float(value).is_integer() else float(value)
+
+
+class StoppingSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, stopping at the first stage that fails.
+
+    (Flower's own ``__call__`` logs a failed stage and still runs the next ones.)
+    """
+
+    def __call__(self, grid: Grid, context: Context) -> bool:  # type: ignore[override]
+        """Run the four stages; ``False`` as soon as one fails (the round is aborted)."""
+        from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+        state = WorkflowState()
+        for stage in (self.setup_stage, self.share_keys_stage,
+                      self.collect_masked_vectors_stage, self.unmask_stage):
+            if not stage(grid, context, state):  # type: ignore[arg-type]
+                log.error("secure aggregation stopped at %s: %d of %d sampled site(s) "
+                          "still answering, %d needed", stage.__name__,
+                          len(state.active_node_ids), len(state.sampled_node_ids),
+                          state.threshold)
+                return False
+        return True
+
+
+class SecureRoundStrategy(Strategy):
+    """The legacy strategy interface that :class:`SecAggPlusWorkflow` drives, for one round."""
+
+    def __init__(self, meta: MetaStrategy, grid: Grid, settings: ConfigRecord,
+                 current: dict[str, np.ndarray], round_number: int, fraction: float) -> None:
+        self.meta = meta
+        self.grid = grid
+        self.settings = settings
+        self.current = current
+        self.round_number = round_number
+        self.fraction = fraction
+        self.sampled: list[int] = []
+        self.new: dict[str, np.ndarray] | None = None
+        self.record: dict[str, Any] | None = None
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: Any) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample sites (waiting for ``min_sites``) and give each the round's settings."""
+        connected = len(list(self.grid.get_node_ids()))
+        size = max(self.meta.min_sites, math.ceil(self.fraction * connected))
+        self.sampled, _ = sample_nodes(self.grid, self.meta.min_sites, size)
+        self.meta.learn_site_names(self.grid)
+        config = {**dict(self.settings), "server-round": self.round_number}
+        return [(GridClientProxy(node, self.grid, run_id=0), FitIns(parameters, config))
+                for node in self.sampled]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict]:
+        """Meta-update from the unmasked mean update; ``results`` carry it, not their own."""
+        sites: dict[str, dict[str, Any]] = {}
+        contributors = 0
+        mean_update: list[np.ndarray] | None = None
+        for proxy, fitres in results:
+            name = self.meta.site_name(proxy.node_id)
+            metrics = {k: v for k, v in fitres.metrics.items() if k in TRAIN_METRICS}
+            if metrics.get("refused"):
+                sites[name] = {"status": "refused", **metrics}
+                continue
+            weight = finite_float(metrics.get(NUM_EXAMPLES))
+            sites[name] = {"status": "accepted" if weight and weight > 0 else "rejected",
+                           **metrics}
+            contributors += int(bool(weight and weight > 0))
+            mean_update = parameters_to_ndarrays(fitres.parameters)
+        answered = {p.node_id for p, _ in results}
+        for node in self.sampled:
+            if node not in answered:
+                sites[self.meta.site_name(node)] = {"status": "dropped"}
+        self.record = {"round": self.round_number, "phase": "train", "sites": sites,
+                       "accepted": contributors, "secure_aggregation": True}
+        if contributors < self.meta.min_sites or mean_update is None:
+            log.warning("round %d: %d site update(s) in the secure sum, fewer than "
+                        "min_sites=%d; the global encoder is kept", self.round_number,
+                        contributors, self.meta.min_sites)
+            return None, {}
+        target = {}
+        for (key, value), delta in zip(self.current.items(), mean_update, strict=True):
+            if delta.shape != value.shape or not np.isfinite(delta).all():
+                log.error("round %d: the unmasked sum is malformed at %s; the global encoder "
+                          "is kept", self.round_number, key)
+                return None, {}
+            target[key] = (value.astype(np.float64) + delta).astype(value.dtype)
+        self.new = self.meta.meta_optimizer.step(self.current, target)
+        self.record["update_norm"] = update_norm(self.new, self.current)
+        return ndarrays_to_parameters(list(self.new.values())), {}
+
+    # The workflow only calls the two methods above; evaluation runs on the Message API.
+    def initialize_parameters(self, client_manager: Any) -> Parameters | None:
+        """Unused: the run starts from the server's own encoder."""
+        return None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: Any) -> list:
+        """Unused: evaluation is asked on the Message API after the round."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list,
+                           failures: list) -> tuple[float | None, dict]:
+        """Unused (see ``configure_evaluate``)."""
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        """No server-side evaluation: the server holds no data."""
+        return None
+
+
+def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationConfig, *,
+                      initial: dict[str, np.ndarray], rounds: int, settings: ConfigRecord,
+                      fraction_train: float, fraction_evaluate: float,
+                      round_timeout: float) -> dict[str, np.ndarray]:
+    """``rounds`` securely aggregated rounds (each followed by evaluation); the last encoder."""
+    workflow = StoppingSecAggPlus(
+        num_shares=_share_setting(secure.num_shares),
+        reconstruction_threshold=_share_setting(secure.reconstruction_threshold),
+        max_weight=secure.max_weight, clipping_range=secure.clipping_range,
+        quantization_range=secure.quantization_range,
+        timeout=secure.timeout or round_timeout)
+    current = initial
+    for local_round in range(1, rounds + 1):
+        round_number = meta.round_offset + local_round
+        started = time.monotonic()
+        round_strategy = SecureRoundStrategy(meta, grid, settings, current, round_number,
+                                             fraction_train)
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={},
+                                        state=RecordDict(), run_config={}),
+                                strategy=round_strategy)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: round_number})
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters(list(current.values())), keep_input=True)
+        completed = workflow(grid, context)
+        record = round_strategy.record or {
+            "round": round_number, "phase": "train", "accepted": 0, "secure_aggregation": True,
+            "sites": {meta.site_name(n): {"status": "aborted"} for n in round_strategy.sampled}}
+        if not completed:
+            record["aborted"] = "fewer sites than the reconstruction threshold"
+            log.error("round %d aborted: secure aggregation could not complete; the global "
+                      "encoder is kept", round_number)
+        if round_strategy.new is not None:
+            current = round_strategy.new
+        record["seconds"] = round(time.monotonic() - started, 3)
+        meta.recorder.train_done(round_number, current, record)
+        if fraction_evaluate > 0:
+            arrays: ArrayRecord = numpy_to_arrays(current)
+            questions = list(meta.configure_evaluate(local_round, arrays,
+                                                     ConfigRecord(dict(settings)), grid))
+            if questions:
+                replies = grid.send_and_receive(questions, timeout=round_timeout)
+                meta.aggregate_evaluate(local_round, replies)
+    return current
