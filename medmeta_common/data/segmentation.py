@@ -1,0 +1,202 @@
+"""Segmentation sites: images with masks, from volumes, image/mask pairs and large tiles.
+
+Layouts recognised under a site folder (pairs are matched by file name; a pair whose
+image or mask cannot be read is reported and skipped, never half-used):
+
+- ``image/`` + ``label/`` (or ``images/`` + ``masks/``) sub-folders, files of the same
+  stem: PNG, JPEG, TIFF, NIfTI, NRRD or DICOM;
+- files ``<stem>_image.<ext>`` + ``<stem>_label.<ext>`` (e.g. NRRD or NIfTI volumes with
+  their label volumes), or ``<stem>img<rest>`` + ``<stem>mask<rest>`` (e.g. TIFF).
+
+Policy (documented in docs/data.md):
+
+- **Volumes** are cut into 2-D slices along their last axis. Every slice with
+  foreground is kept, plus background-only slices evenly spaced through the volume, at
+  most as many as the foreground slices (so empty slices do not swamp training).
+- **Large 2-D images** (longest side above 1.5 x ``tile``) are cut into non-overlapping
+  ``tile`` x ``tile`` tiles (the remainder at the right and bottom edges is dropped),
+  with the same foreground/background policy.
+- **Masks** are binary: any value above 0 is foreground (instance masks become
+  semantic masks). The mask must have the image's height and width.
+- Slices and tiles are harmonised like classification images (channels, longest side
+  to ``size`` with area/bilinear resampling, square padding, per-image intensity
+  normalisation); masks follow with nearest-neighbour resampling and pad with 0.
+
+Every slice or tile keeps its source (volume or image) as its group, so splits and the
+privacy unit can keep one source together.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medmeta_common.config import ImageConfig
+from medmeta_common.data.images import looks_like_image, read_image_file, suffix_of
+from medmeta_common.data.issues import IssueLog
+from medmeta_common.data.transforms import harmonise_stack
+from medmeta_common.errors import DataError
+
+CLASSES = ("background", "foreground")
+_FOLDER_PAIRS = (("image", "label"), ("images", "masks"), ("images", "labels"))
+_NAME_PAIRS = (("_image", "_label"), ("img", "mask"))
+
+
+@dataclass(frozen=True)
+class SegmentationData:
+    """Harmonised images ``(N, C, S, S)`` float32 and masks ``(N, S, S)`` int64 (0/1)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    groups: np.ndarray
+    refs: tuple[str, ...]
+    classes: tuple[str, ...] = CLASSES
+    issues: tuple = field(default=())
+
+    def subset(self, index: np.ndarray) -> SegmentationData:
+        """The slices/tiles at ``index``."""
+        index = np.asarray(index, dtype=np.int64)
+        return SegmentationData(self.images[index], self.masks[index], self.groups[index],
+                                tuple(self.refs[i] for i in index), self.classes, self.issues)
+
+    @property
+    def foreground_fraction(self) -> float:
+        """Share of foreground pixels (a quick sanity figure for `data inspect`)."""
+        return float(self.masks.mean()) if self.masks.size else 0.0
+
+
+def find_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` file pairs under ``folder`` (see the module docstring)."""
+    if not folder.is_dir():
+        raise DataError(str(folder), "segmentation data must be a folder of images and masks")
+    for image_dir, mask_dir in _FOLDER_PAIRS:
+        if (folder / image_dir).is_dir() and (folder / mask_dir).is_dir():
+            masks = {_stem(p): p for p in (folder / mask_dir).iterdir() if looks_like_image(p)}
+            return [(p, masks[_stem(p)]) for p in sorted((folder / image_dir).iterdir())
+                    if looks_like_image(p) and _stem(p) in masks]
+    files = {p.name: p for p in sorted(folder.iterdir()) if looks_like_image(p)}
+    pairs = []
+    for name, path in files.items():
+        for image_token, mask_token in _NAME_PAIRS:
+            if image_token in name:
+                partner = files.get(name.replace(image_token, mask_token, 1))
+                if partner is not None:
+                    pairs.append((path, partner))
+                break
+    return pairs
+
+
+def load_segmentation(folder: Path | str, image: ImageConfig, *, tile: int = 128,
+                      issues: IssueLog | None = None) -> SegmentationData:
+    """Read, slice/tile and harmonise a segmentation site.
+
+    Raises :class:`DataError` naming the folder when no pair is usable.
+    """
+    folder = Path(folder)
+    issues = issues or IssueLog("lenient")
+    pairs = find_pairs(folder)
+    if not pairs:
+        raise DataError(str(folder), "no image/mask pairs found (expected image/ + label/ "
+                        "folders, or files named *_image.* + *_label.*, or *img* + *mask*)")
+    images, masks, groups, refs = [], [], [], []
+    for image_path, mask_path in pairs:
+        try:
+            pixels, labels = _read_pair(image_path, mask_path)
+        except DataError as error:
+            issues.report_error(error)
+            continue
+        for index in _keep(labels, tile):
+            images.append(pixels[index[0]][(slice(None), *index[1:])])
+            masks.append(labels[index[0]][index[1:]])
+            groups.append(image_path.name)
+            refs.append(f"{image_path.name}#{_describe(index)}")
+    if not images:
+        raise DataError(str(folder), "no usable image/mask pair: " +
+                        "; ".join(f"{i.file}: {i.reason}" for i in issues.issues[:3]))
+    harmonised = np.concatenate([
+        harmonise_stack(np.stack(batch), size=image.size, channels=image.channels,
+                        intensity=image.intensity)
+        for batch in _same_shape_batches(images)])
+    resized = np.concatenate([resize_masks(np.stack(batch), image.size)
+                              for batch in _same_shape_batches(masks)])
+    order = np.concatenate(_same_shape_order(images))
+    mask_order = np.concatenate(_same_shape_order(masks))
+    out_images = np.empty_like(harmonised)
+    out_images[order] = harmonised
+    out_masks = np.empty_like(resized)
+    out_masks[mask_order] = resized
+    return SegmentationData(out_images, out_masks, np.array(groups, dtype=object), tuple(refs),
+                            issues=tuple(issues.issues))
+
+
+def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """``(N, H, W)`` 0/1 masks to ``(N, size, size)``: nearest, longest side, 0 padding."""
+    import torch
+    from monai.transforms import Resize
+
+    n, h, w = masks.shape
+    if (h, w) != (size, size):
+        resize = Resize(spatial_size=size, size_mode="longest", mode="nearest")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            masks = np.asarray(resize(torch.from_numpy(masks.astype(np.float32))))
+        padded = np.zeros((n, size, size), dtype=np.float32)
+        top, left = (size - masks.shape[1]) // 2, (size - masks.shape[2]) // 2
+        padded[:, top:top + masks.shape[1], left:left + masks.shape[2]] = masks
+        masks = padded
+    return (masks > 0.5).astype(np.int64)
+
+
+def _read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Frames ``(F, C, H, W)`` and binary masks ``(F, H, W)`` of one pair, checked."""
+    pixels = read_image_file(image_path, frames="all").frames
+    labels = read_image_file(mask_path, frames="all").frames
+    if labels.shape[1] != 1:
+        labels = labels.max(axis=1, keepdims=True)  # an RGB mask: any channel above 0
+    if pixels.shape[0] != labels.shape[0] or pixels.shape[-2:] != labels.shape[-2:]:
+        raise DataError(str(mask_path), f"mask shape {labels.shape[-2:]} x {labels.shape[0]} "
+                        f"frames does not match its image {image_path.name} "
+                        f"({pixels.shape[-2:]} x {pixels.shape[0]} frames)")
+    return pixels, (labels[:, 0] > 0).astype(np.int64)
+
+
+def _keep(labels: np.ndarray, tile: int) -> list[tuple]:
+    """Indices ``(frame, rows, cols)`` of the slices/tiles kept by the documented policy."""
+    frames, h, w = labels.shape
+    if frames == 1 and max(h, w) > 1.5 * tile:
+        candidates = [(0, slice(r, r + tile), slice(c, c + tile))
+                      for r in range(0, h - tile + 1, tile) for c in range(0, w - tile + 1, tile)]
+    else:
+        candidates = [(f, slice(None), slice(None)) for f in range(frames)]
+    has_fg = [bool(labels[i[0]][i[1:]].any()) for i in candidates]
+    foreground = [c for c, fg in zip(candidates, has_fg, strict=True) if fg]
+    background = [c for c, fg in zip(candidates, has_fg, strict=True) if not fg]
+    room = min(len(background), max(len(foreground), 1 if not foreground else 0))
+    picks = np.linspace(0, len(background) - 1, room).round().astype(int) if room else []
+    kept = foreground + [background[i] for i in picks]
+    return sorted(kept, key=lambda c: (c[0], c[1].start or 0, c[2].start or 0))
+
+
+def _describe(index: tuple) -> str:
+    frame, rows, cols = index
+    if rows.start is None:
+        return f"slice{frame}"
+    return f"tile{rows.start}_{cols.start}"
+
+
+def _same_shape_order(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    shapes: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        shapes.setdefault(a.shape, []).append(i)
+    return [np.array(v) for v in shapes.values()]
+
+
+def _same_shape_batches(arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+    return [[arrays[i] for i in index] for index in _same_shape_order(arrays)]
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(suffix_of(path))] if suffix_of(path) else path.name
