@@ -109,7 +109,7 @@ def _site_runtime(path: str, mtime: float) -> SiteRuntime:
                        privacy=config.privacy, val_fraction=config.val_fraction,
                        device=config.runtime.device, amp=config.runtime.amp,
                        threads=max(1, int(config.runtime.cpus_per_site)),
-                       cache_data=config.cache_data)
+                       cache_data=config.cache_data, task=config.task, tile=config.tile)
 
 
 app = make_client_app(site_from_node_config)

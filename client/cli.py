@@ -27,14 +27,24 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help=".npz, DICOM folder with manifest.csv, or class sub-folders")
     adapt.add_argument("--split", choices=("train", "val", "test"), default=None,
                        help="use only this split of the data (default: all of it)")
-    adapt.add_argument("--ways", type=int, required=True, help="classes per episode (N)")
+    adapt.add_argument("--task", choices=("classification", "segmentation"),
+                       default="classification",
+                       help="segmentation: --data is a folder of image/mask pairs or volumes "
+                       "(docs/data.md); a decoder is adapted and Dice reported")
+    adapt.add_argument("--ways", type=int, default=None,
+                       help="classes per episode (N; classification only, required there)")
     adapt.add_argument("--shots", type=int, required=True, help="labelled images per class (K)")
     adapt.add_argument("--queries", type=int, default=15, help="query images per class")
-    adapt.add_argument("--episodes", type=int, default=200, help="episodes to average over")
-    adapt.add_argument("--finetune-steps", type=int, default=0,
-                       help="fine-tuning steps on the support images (0: prototypes only)")
+    adapt.add_argument("--episodes", type=int, default=None,
+                       help="episodes to average over (default 200; segmentation 20)")
+    adapt.add_argument("--finetune-steps", type=int, default=None,
+                       help="fine-tuning steps on the support images (default 0: prototypes "
+                       "only; segmentation: 100 decoder steps)")
     adapt.add_argument("--finetune", choices=("head", "all"), default="head",
-                       help="fine-tune the head only, or the encoder too")
+                       help="fine-tune the head (segmentation: the decoder) only, or the "
+                       "encoder too")
+    adapt.add_argument("--tile", type=int, default=128,
+                       help="segmentation: tile size for large 2-D images")
     adapt.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
     adapt.add_argument("--policy", choices=("lenient", "strict"), default="lenient",
                        help="bad files: skip and report (lenient) or stop (strict)")
@@ -48,7 +58,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "TIFF, NIfTI, NRRD) as CSV. Files that cannot be read are listed with the reason.")
     predict.add_argument("--model", type=Path, required=True, help="folder from `adapt --save`")
     predict.add_argument("--input", type=Path, required=True, help="an image file or a folder")
-    predict.add_argument("--out", type=Path, default=None, help="CSV file (default: stdout)")
+    predict.add_argument("--out", type=Path, default=None,
+                         help="CSV file (default: stdout); for a segmentation model, the "
+                         "folder for the masks and masks.csv")
     predict.set_defaults(handler=run_predict)
 
     privacy = commands.add_parser("privacy", help="privacy ledgers of sites")
@@ -166,15 +178,54 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_adapt_segmentation(args: argparse.Namespace) -> int:
+    """Few-shot Dice at a segmentation site; optionally save a segmenter for `predict`."""
+    from client.adapt import load_meta_model
+    from client.adapt_segmentation import adapt_segmentation, save_segmenter
+    from client.segmentation import evaluate_fewshot_segmentation
+    from medmeta_common.data.segmentation import load_segmentation
+    from medmeta_common.errors import ConfigError
+
+    if args.shots < 1:
+        raise ConfigError(source="--shots", field="shots", expected="at least 1",
+                          found=str(args.shots))
+    meta = load_meta_model(args.checkpoint)
+    data = load_segmentation(args.data, meta.image, tile=args.tile)
+    steps = 100 if args.finetune_steps is None else args.finetune_steps
+    finetune = "all" if args.finetune == "all" else "decoder"
+    result = evaluate_fewshot_segmentation(
+        meta.encoder, data, shots=args.shots, queries=args.queries,
+        episodes=args.episodes or 20, steps=steps, finetune=finetune, seed=args.seed)
+    if args.save is not None:
+        adapted = adapt_segmentation(meta, data, steps=max(steps, 200), finetune=finetune,
+                                     tile=args.tile, seed=args.seed)
+        log.info("adapted segmenter written to %s", save_segmenter(adapted, args.save))
+    if args.json:
+        print(json.dumps({"dice_mean": result.dice_mean, "dice_ci95": result.dice_ci95,
+                          "shots": result.shots, "episodes": result.episodes}))
+    else:
+        print(f"{result.shots}-shot Dice: {result.dice_mean:.3f} ± {result.dice_ci95:.3f} "
+              f"(95% interval over {result.episodes} episodes; meta-model of round "
+              f"{meta.round})")
+    return 0
+
+
 def run_adapt(args: argparse.Namespace) -> int:
     """Evaluate few-shot adaptation and optionally save the adapted classifier."""
     from client.adapt import adapt, evaluate_site, load_meta_model, save_adapted
     from medmeta_common.config import DataConfig, FewShotConfig
     from medmeta_common.data.sources import load_site
+    from medmeta_common.errors import ConfigError
     from medmeta_common.typed_config import build
 
+    if args.task == "segmentation":
+        return run_adapt_segmentation(args)
+    if args.ways is None:
+        raise ConfigError(source="--ways", field="ways", expected="the number of classes per "
+                          "episode (required for classification)", found="nothing")
+    args.finetune_steps = args.finetune_steps or 0
     fewshot = build(FewShotConfig, {"ways": args.ways, "shots": args.shots,
-                                    "queries": args.queries, "episodes": args.episodes,
+                                    "queries": args.queries, "episodes": args.episodes or 200,
                                     "finetune_steps": args.finetune_steps}, source="command line")
     data_path = args.data if args.data.startswith("builtin:") else str(Path(args.data).resolve())
     data = DataConfig(path=data_path, split=args.split, policy=args.policy)
@@ -195,13 +246,25 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Write predictions as CSV."""
+    """Write predictions as CSV (classification) or masks + masks.csv (segmentation)."""
     from client.adapt import load_adapted
+    from client.adapt_segmentation import is_segmenter, load_segmenter, predict_masks
     from client.predict import input_files, predict, predictions_csv, write_predictions
+    from medmeta_common.errors import ConfigError
 
-    model = load_adapted(args.model)
     files = input_files(args.input)
     root = args.input if args.input.is_dir() else args.input.parent
+    if is_segmenter(args.model):
+        if args.out is None:
+            raise ConfigError(source="--out", field="out", expected="a folder for the masks "
+                              "(a segmentation model writes mask files and masks.csv)",
+                              found="nothing")
+        results = predict_masks(load_segmenter(args.model), files, args.out, root=root)
+        failed = sum(bool(r.error) for r in results)
+        log.info("%d mask(s) written to %s, %d file(s) could not be read; summary: %s",
+                 len(results) - failed, args.out, failed, args.out / "masks.csv")
+        return 0
+    model = load_adapted(args.model)
     predictions = predict(model, files, root=root)
     if args.out is None:
         sys.stdout.write(predictions_csv(predictions, model.classes))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,10 @@ class TrainOutcome:
 
 def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) -> TrainOutcome:
     """Train the global ``encoder`` locally for one round (DP unless the site turned it off)."""
+    if site.task == "segmentation":
+        from client.segmentation_rounds import train_segmentation_round
+
+        return train_segmentation_round(site, settings, encoder)
     started = time.monotonic()
     torch.set_num_threads(site.threads)
     data = site_splits(site, settings.image, settings.seed).train
@@ -107,36 +111,14 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) ->
                              "trains under DP and only accepts the per-record 'cosine' loss")
         rate = sample_rate_for(settings.train, len(data), len(data.classes))
         units = len(data) if site.privacy.unit == "image" else len(np.unique(data.groups))
-        delta = site.privacy.delta or default_delta(units)
-        steps = settings.train.local_steps
-        with ledger_lock(site.state_dir):
-            ledger = PrivacyLedger.open(site.state_dir, site=site.name, delta=delta,
-                                        epsilon_budget=site.privacy.epsilon,
-                                        unit=site.privacy.unit)
-            sigma = site.privacy.noise_multiplier or ledger.calibrated_noise
-            if sigma is None:
-                sigma = calibrate_noise(epsilon=site.privacy.epsilon, delta=delta,
-                                        sample_rate=rate, steps=settings.planned_rounds * steps)
-                ledger.calibrated_noise = sigma
-                ledger.save()
-            metrics.update({"dp": 1, "delta": delta, "noise-multiplier": sigma,
-                            "sample-rate": rate})
-            after = ledger.epsilon_after(sigma, rate, steps)
-            if after > site.privacy.epsilon:
-                log.warning("site %s: refusing round %d: epsilon would reach %.3f, above the "
-                            "budget %.3f", site.name, settings.server_round, after,
-                            site.privacy.epsilon)
-                metrics.update({NUM_EXAMPLES: 0, "refused": 1, "epsilon": ledger.epsilon,
-                                "steps": ledger.steps})
-                return TrainOutcome(None, metrics)
-            dp = DPSettings(sigma, rate, site.privacy.max_grad_norm, site.privacy.unit)
-            stats = train_cosine(model, data, settings.train, dp=dp, sample_rate=rate,
-                                 seed=round_seed, device=device, amp=site.amp)
-            # The spend is on disk before the update leaves the site.
-            epsilon = ledger.record(settings.server_round, sigma, rate, stats.steps,
-                                    site.privacy.max_grad_norm)
-            metrics.update({"epsilon": epsilon, "steps": ledger.steps,
-                            "round-steps": stats.steps})
+
+        def run(dp: DPSettings) -> int:
+            return train_cosine(model, data, settings.train, dp=dp, sample_rate=rate,
+                                seed=round_seed, device=device, amp=site.amp).steps
+
+        if not private_round(site, settings, units=units, rate=rate, train=run,
+                             metrics=metrics):
+            return TrainOutcome(None, metrics)
     save_head(site, head, data.classes)
     if rotation is not None:
         save_rotation_head(site, rotation)
@@ -145,9 +127,49 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) ->
     return TrainOutcome(model.encoder, metrics)
 
 
+def private_round(site: SiteRuntime, settings: RoundSettings, *, units: int, rate: float,
+                  train: Callable[[DPSettings], int], metrics: dict[str, float | int]) -> bool:
+    """Run ``train`` under the site's ledger; ``False`` (metrics say so) if over budget.
+
+    Calibrates the noise once for the planned rounds, refuses a round that would exceed
+    the budget, and records the spend on disk before the update can leave the site.
+    ``train`` gets the DP settings and returns the steps it took.
+    """
+    delta = site.privacy.delta or default_delta(units)
+    steps = settings.train.local_steps
+    with ledger_lock(site.state_dir):
+        ledger = PrivacyLedger.open(site.state_dir, site=site.name, delta=delta,
+                                    epsilon_budget=site.privacy.epsilon, unit=site.privacy.unit)
+        sigma = site.privacy.noise_multiplier or ledger.calibrated_noise
+        if sigma is None:
+            sigma = calibrate_noise(epsilon=site.privacy.epsilon, delta=delta,
+                                    sample_rate=rate, steps=settings.planned_rounds * steps)
+            ledger.calibrated_noise = sigma
+            ledger.save()
+        metrics.update({"dp": 1, "delta": delta, "noise-multiplier": sigma, "sample-rate": rate})
+        after = ledger.epsilon_after(sigma, rate, steps)
+        if after > site.privacy.epsilon:
+            log.warning("site %s: refusing round %d: epsilon would reach %.3f, above the "
+                        "budget %.3f", site.name, settings.server_round, after,
+                        site.privacy.epsilon)
+            metrics.update({NUM_EXAMPLES: 0, "refused": 1, "epsilon": ledger.epsilon,
+                            "steps": ledger.steps})
+            return False
+        taken = train(DPSettings(sigma, rate, site.privacy.max_grad_norm, site.privacy.unit))
+        # The spend is on disk before the update leaves the site.
+        epsilon = ledger.record(settings.server_round, sigma, rate, taken,
+                                site.privacy.max_grad_norm)
+        metrics.update({"epsilon": epsilon, "steps": ledger.steps, "round-steps": taken})
+    return True
+
+
 def evaluate_round(site: SiteRuntime, settings: RoundSettings,
                    encoder: Encoder) -> dict[str, float | int]:
     """Few-shot metrics of ``encoder`` on the site's validation patients."""
+    if site.task == "segmentation":
+        from client.segmentation_rounds import evaluate_segmentation_round
+
+        return evaluate_segmentation_round(site, settings, encoder)
     torch.set_num_threads(site.threads)
     val = site_splits(site, settings.image, settings.seed).val
     fewshot = _fit_episode_shape(settings.evaluation, val.labels, len(val.classes))

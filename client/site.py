@@ -41,6 +41,8 @@ class SiteRuntime:
     amp: bool = True
     threads: int = 1
     cache_data: bool = True
+    task: str = "classification"
+    tile: int = 128
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class SimulatedSites:
             device=self.config.runtime.device,
             amp=self.config.runtime.amp,
             threads=max(1, int(self.config.runtime.cpus_per_site)),
+            task=site.task,
+            tile=site.tile,
         )
 
 

@@ -456,12 +456,19 @@ class FewShotConfig:
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """One hospital of a simulated federation."""
+    """One hospital of a simulated federation.
+
+    ``task: segmentation`` sites read image/mask pairs (``data.path`` a folder, see
+    :mod:`medmeta_common.data.segmentation`; large images cut into ``tile`` pixel
+    tiles) and train the shared encoder through a site-local decoder.
+    """
 
     name: str
     data: DataConfig
     val_fraction: float = 0.2
     privacy: PrivacyConfig | None = None
+    task: Literal["classification", "segmentation"] = "classification"
+    tile: int = 128
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
@@ -527,7 +534,16 @@ _LATER_SERVER_DEFAULTS = {"aggregator": "mean", "trim_fraction": 0.2, "max_fault
                           "secure_aggregation": None}
 
 
+# Site settings added later, likewise left out of fingerprints while at their default.
+_LATER_SITE_DEFAULTS = {"task": "classification", "tile": 128}
+
+
 def _fingerprint(data: dict) -> str:
+    if isinstance(data.get("sites"), list | tuple):
+        data = {**data, "sites": [{k: v for k, v in site.items()
+                                   if k not in _LATER_SITE_DEFAULTS
+                                   or v != _LATER_SITE_DEFAULTS[k]}
+                                  for site in data["sites"]]}
     server = data.get("server")
     if isinstance(server, dict):
         data = {**data, "server": {k: v for k, v in server.items()
@@ -558,6 +574,11 @@ class FederationConfig(MethodConfig):
               expected=f"at most the number of sites ({len(self.sites)})",
               found=self.min_sites)
         self._check_aggregator()
+        patient_segmentation = [s.name for s in self.sites if s.task == "segmentation"
+                                and self.privacy_of(s).unit != "image"]
+        check(not patient_segmentation, field="privacy.unit",
+              expected="'image' at segmentation sites (one slice or tile; the patient unit is "
+              "not implemented for segmentation yet)", found=f"'patient' at {patient_segmentation}")
         if self.train.loss == "protonet":
             privates = [s.name for s in self.sites if self.privacy_of(s).enabled]
             check(not privates, field="train.loss",

@@ -108,12 +108,17 @@ class SiteDeployConfig:
     insecure: bool = False
     port: int = 9094
     cache_data: bool = True
+    task: Literal["classification", "segmentation"] = "classification"
+    tile: int = 128
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, field="name",
               expected="a site name without '/'", found=self.name)
         check(":" in self.superlink, field="superlink", expected="HOST:PORT",
               found=self.superlink)
+        check(self.task != "segmentation" or self.privacy.unit == "image",
+              field="privacy.unit", expected="'image' at a segmentation site (the patient unit "
+              "is not implemented for segmentation yet)", found=self.privacy.unit)
         check(self.insecure or self.root_certificate is not None, field="root_certificate",
               expected="the consortium CA certificate (ca.crt), or insecure: true", found=None)
         check(self.insecure or self.private_key is not None, field="private_key",

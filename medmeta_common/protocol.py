@@ -30,7 +30,8 @@ TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "epsilon", "delta", "steps", "round-steps", "noise-multiplier",
     "sample-rate", "refused", "train-loss", "dp", "compute-seconds",
 })
-EVALUATE_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "accuracy-ci95", "episodes", "ways"})
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "accuracy-ci95", "episodes", "ways",
+                              "dice", "dice-ci95"})
 
 
 def layout_of(encoder: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -83,6 +83,10 @@ class RunRecorder:
                                  if "accuracy" in m)
             log.info("round %d/%d: few-shot validation accuracy %.3f (%s)", round_number,
                      self.config.rounds, record["accuracy_mean"], per_site)
+        dice = {s: m["dice"] for s, m in record["sites"].items() if "dice" in m}
+        if dice:
+            log.info("round %d/%d: segmentation validation Dice %s", round_number,
+                     self.config.rounds, ", ".join(f"{s} {d:.3f}" for s, d in dice.items()))
 
 
 def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool,

@@ -1,0 +1,176 @@
+"""Few-shot segmentation at a new site: adapt a decoder on the meta-learned encoder, predict masks.
+
+``medmeta adapt --task segmentation`` scores episodes with
+:func:`client.segmentation.evaluate_fewshot_segmentation` and, with ``--save``, trains
+a decoder (and optionally the encoder) on all the site's annotated images.
+``medmeta predict`` with such a model writes one mask per input next to a CSV summary:
+PNG (0/255) for 2-D images, NIfTI (``.nii.gz``, the source's affine when it is NIfTI)
+for volumes. Large 2-D images are predicted tile by tile, as they were trained; every
+prediction is mapped back to the input's own size and geometry.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from client.adapt import MetaModel, _configs, _encoder
+from client.segmentation import train_segmenter
+from medmeta_common.checkpoint import atomic_torch_save, atomic_write, atomic_write_text, torch_load
+from medmeta_common.config import ImageConfig, ModelConfig
+from medmeta_common.data.images import read_image_file, suffix_of
+from medmeta_common.data.segmentation import CLASSES, SegmentationData
+from medmeta_common.data.transforms import harmonise_stack
+from medmeta_common.errors import CheckpointError, DataError
+from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
+
+SEGMENTER_FILE = "adapted_segmenter.pt"
+
+
+@dataclass
+class AdaptedSegmenter:
+    """A site's segmentation model: encoder, decoder and the settings to apply them."""
+
+    model: Segmenter
+    image: ImageConfig
+    model_config: ModelConfig
+    tile: int
+    info: dict[str, Any]
+
+
+def adapt_segmentation(meta: MetaModel, data: SegmentationData, *, steps: int = 200,
+                       finetune: str = "decoder", tile: int = 128, seed: int = 0
+                       ) -> AdaptedSegmenter:
+    """Train a decoder (and with ``finetune='all'`` the encoder) on all annotated images."""
+    model = Segmenter(meta.encoder, build_decoder(meta.encoder, len(CLASSES), seed))
+    train_segmenter(model, data, steps=steps, batch_size=min(16, len(data.masks)), lr=1e-3,
+                    seed=seed, device=torch.device("cpu"), train_encoder=finetune == "all")
+    info = {"federation": meta.federation, "meta_round": meta.round, "images": len(data.masks),
+            "steps": steps, "finetune": finetune, "classes": list(CLASSES)}
+    return AdaptedSegmenter(model.eval(), meta.image, meta.model, tile, info)
+
+
+def save_segmenter(adapted: AdaptedSegmenter, folder: Path) -> Path:
+    """Write the adapted segmenter into ``folder`` (atomically)."""
+    path = Path(folder) / SEGMENTER_FILE
+    atomic_torch_save(path, {
+        "kind": "medmeta-adapted-segmenter", "format": 1,
+        "encoder": adapted.model.encoder.state_dict(),
+        "decoder": adapted.model.decoder.state_dict(), "tile": adapted.tile,
+        "image": asdict(adapted.image), "model": asdict(adapted.model_config),
+        "info": adapted.info})
+    return path
+
+
+def is_segmenter(folder: Path) -> bool:
+    """True if ``folder`` holds a model written by :func:`save_segmenter`."""
+    return (Path(folder) / SEGMENTER_FILE).exists() or Path(folder).name == SEGMENTER_FILE
+
+
+def load_segmenter(folder: Path) -> AdaptedSegmenter:
+    """Load a model written by :func:`save_segmenter`."""
+    path = Path(folder) / SEGMENTER_FILE if Path(folder).is_dir() else Path(folder)
+    try:
+        payload = torch_load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on a bad file
+        raise CheckpointError(f"{path}: not a readable model ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != "medmeta-adapted-segmenter":
+        raise CheckpointError(f"{path}: not a medmeta adapted segmenter")
+    image, model_config = _configs(payload, str(path))
+    encoder = _encoder(payload["encoder"], image, model_config, str(path))
+    decoder = UNetDecoder(encoder.spec.widths, len(CLASSES), encoder.spec.norm_groups)
+    decoder.load_state_dict(payload["decoder"])
+    return AdaptedSegmenter(Segmenter(encoder, decoder).eval(), image, model_config,
+                            int(payload["tile"]), dict(payload.get("info", {})))
+
+
+def predict_frame(adapted: AdaptedSegmenter, pixels: np.ndarray) -> np.ndarray:
+    """A 0/1 mask ``(H, W)`` for one ``(C, H, W)`` frame, at the frame's own size."""
+    h, w = pixels.shape[-2:]
+    tile = adapted.tile
+    if max(h, w) > 1.5 * tile:  # as in training: tile by tile, the edges padded
+        rows, cols = -(-h // tile), -(-w // tile)
+        padded = np.pad(pixels, ((0, 0), (0, rows * tile - h), (0, cols * tile - w)),
+                        mode="reflect")
+        mask = np.zeros((rows * tile, cols * tile), dtype=np.uint8)
+        for r in range(rows):
+            for c in range(cols):
+                part = padded[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                mask[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = \
+                    predict_frame(adapted, part)
+        return mask[:h, :w]
+    size = adapted.image.size
+    image = harmonise_stack(pixels[None], size=size, channels=adapted.image.channels,
+                            intensity=adapted.image.intensity)
+    with torch.no_grad():
+        probs = adapted.model(torch.from_numpy(image)).softmax(dim=1)[:, 1:2]
+    # Undo the square padding, then resample to the frame's size.
+    scale = size / max(h, w)
+    inner_h, inner_w = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (size - inner_h) // 2, (size - inner_w) // 2
+    probs = probs[:, :, top:top + inner_h, left:left + inner_w]
+    probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+    return (probs[0, 0] > 0.5).numpy().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    """One input's mask file, or why it could not be read."""
+
+    file: str
+    mask: str = ""
+    frames: int = 0
+    foreground_fraction: float = float("nan")
+    error: str = ""
+
+
+def predict_masks(adapted: AdaptedSegmenter, files: list[Path], out: Path, *,
+                  root: Path) -> list[MaskResult]:
+    """Write a mask per input under ``out`` (mirroring ``root``) and ``masks.csv``."""
+    results = []
+    for path in files:
+        name = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+        try:
+            frames = read_image_file(path, frames="all").frames
+        except DataError as error:
+            results.append(MaskResult(name, error=error.reason))
+            continue
+        masks = np.stack([predict_frame(adapted, f) for f in frames])
+        volume = suffix_of(path) in (".nii", ".nii.gz", ".nrrd", ".nhdr") or len(frames) > 1
+        stem = name[: -len(suffix_of(path))] if suffix_of(path) else name
+        target = out / (f"{stem}_mask.nii.gz" if volume else f"{stem}_mask.png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_mask(target, masks, path if suffix_of(path).startswith(".nii") else None)
+        results.append(MaskResult(name, str(target.relative_to(out)), len(frames),
+                                  float(masks.mean())))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "mask", "frames", "foreground_fraction", "error"])
+    for r in results:
+        writer.writerow([r.file, r.mask, r.frames, f"{r.foreground_fraction:.6f}", r.error])
+    atomic_write_text(out / "masks.csv", buffer.getvalue())
+    return results
+
+
+def _write_mask(target: Path, masks: np.ndarray, nifti_source: Path | None) -> None:
+    if target.name.endswith(".png"):
+        from PIL import Image
+
+        image = Image.fromarray((masks[0] * 255).astype(np.uint8))
+        atomic_write(target, lambda handle: image.save(handle, format="PNG"))
+        return
+    import nibabel as nib
+
+    affine = nib.load(str(nifti_source)).affine if nifti_source is not None else np.eye(4)
+    # Frames were read as (Z, H, W) from an (X, Y, Z) volume: write back in that order.
+    volume = nib.Nifti1Image(np.moveaxis(masks, 0, -1).astype(np.uint8), affine)
+    payload = gzip.compress(volume.to_bytes())
+    atomic_write(target, lambda handle: handle.write(payload))
