@@ -57,7 +57,7 @@ def runtimes(config: FederationConfig, state_root: Path, device: str) -> list[Si
     return [SiteRuntime(name=s.name, data=s.data, state_dir=state_root / s.name,
                         privacy=config.privacy_of(s), val_fraction=s.val_fraction,
                         device=device, amp=config.runtime.amp,
-                        threads=max(1, torch.get_num_threads()))
+                        threads=max(1, torch.get_num_threads()), task=s.task, tile=s.tile)
             for s in config.sites]
 
 

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from medmeta_common.deploy_config import SiteDeployConfig
-from medmeta_common.errors import FederationError
+from medmeta_common.errors import DataError, FederationError
 
 log = logging.getLogger("medmeta.site")
 
@@ -33,7 +33,13 @@ def preflight(config: SiteDeployConfig) -> None:
     """Check the site's files and its connection to the SuperLink; raise a clear error."""
     from medmeta_common.data.sources import detect_format
 
-    if not config.data.is_builtin:
+    if config.task == "segmentation":
+        from medmeta_common.data.segmentation import find_pairs
+
+        if not find_pairs(Path(config.data.path)):
+            raise DataError(config.data.path, "no image/mask pairs found for this "
+                            "segmentation site (see docs/data.md, segmentation layouts)")
+    elif not config.data.is_builtin:
         detect_format(Path(config.data.path), config.data.manifest)
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
