@@ -117,6 +117,10 @@ class DiceResult:
     dice_ci95: float
     shots: int
     episodes: int
+    # The same over query images that have foreground only (an empty image segmented as
+    # empty scores 1 above, which flatters sets with many background-only slices).
+    foreground_dice_mean: float = math.nan
+    foreground_dice_ci95: float = math.nan
 
 
 def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, shots: int,
@@ -134,7 +138,7 @@ def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, s
         raise ValueError(f"{shots} support images need at least {shots + 1} images, "
                          f"the site has {len(data.masks)}")
     rng = np.random.default_rng(seed)
-    scores = []
+    scores, foreground_scores = [], []
     initial = {k: v.clone() for k, v in encoder.state_dict().items()}
     for episode in range(episodes):
         order = rng.permutation(len(data.masks))
@@ -147,9 +151,21 @@ def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, s
         model.eval()
         with torch.no_grad():
             logits = model(torch.from_numpy(query.images).to(device))
-        scores.append(float(dice_per_image(logits, torch.from_numpy(query.masks).to(device))
-                            .mean()))
+        dice = dice_per_image(logits, torch.from_numpy(query.masks).to(device))
+        scores.append(float(dice.mean()))
+        has_foreground = query.masks.reshape(len(query.masks), -1).any(axis=1)
+        if has_foreground.any():
+            foreground_scores.append(float(dice[has_foreground].mean()))
     encoder.load_state_dict(initial)
-    values = np.array(scores)
-    ci = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return DiceResult(float(values.mean()), float(ci), shots, len(values))
+    mean, ci = _mean_ci(scores)
+    foreground_mean, foreground_ci = _mean_ci(foreground_scores)
+    return DiceResult(mean, ci, shots, len(scores), foreground_mean, foreground_ci)
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 1.96 standard errors (``nan`` for no values, 0 width for one)."""
+    if not values:
+        return math.nan, math.nan
+    array = np.array(values)
+    ci = 1.96 * array.std(ddof=1) / math.sqrt(len(array)) if len(array) > 1 else 0.0
+    return float(array.mean()), float(ci)
