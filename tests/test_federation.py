@@ -10,29 +10,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation as flower_run_simulation
 
-from client.app import make_client_app
 from client.site import site_splits
 from client.train import sample_rate_for
-from medmeta.simulate import SimulatedSites, prepare_run_dir, run_simulation
+from medmeta.simulate import SimulatedSites, run_simulation
 from medmeta_common.config import load_config
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.privacy.accounting import default_delta, epsilon_of
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS, layout_of
-from server.app import run_federation
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
+from tests.recorded_simulation import simulate_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -59,22 +54,6 @@ held_out:
   name: cells
   data: {{path: {data}/bccd/bccd_cells_32.npz, split: test}}
 """
-
-
-class RecordingGrid:
-    """Passes everything to Flower's grid and keeps every reply a site sends."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.replies: list[Message] = []
-
-    def pull_messages(self, message_ids: Any) -> list[Message]:
-        replies = list(self._grid.pull_messages(message_ids))
-        self.replies.extend(replies)
-        return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
 @dataclass
@@ -108,31 +87,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     config_path.write_text(CONFIG.format(data=SHARED_DATA, frugal_budget=budget))
     config = load_config(config_path)
     out = tmp / "run"
-    prepare_run_dir(config, out, resume=False)
-    recorder: dict[str, RecordingGrid] = {}
-    server_app = ServerApp()
-    abort = threading.Event()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        recorder["grid"] = RecordingGrid(grid)
-        run_federation(recorder["grid"], config, out, resume=False,  # type: ignore[arg-type]
-                       abort=abort)
-
-    try:
-        flower_run_simulation(
-            server_app=server_app,
-            client_app=make_client_app(SimulatedSites(config, out)),
-            num_supernodes=len(config.sites),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": 2, "log_to_driver": False}},
-        )
-    finally:
-        abort.set()
-        import ray
-
-        ray.shutdown()
-    return Run(config_path, out, recorder["grid"].replies, budget)
+    replies = simulate_recorded(config, out, SimulatedSites(config, out))
+    return Run(config_path, out, replies, budget)
 
 
 def test_sites_send_only_encoder_count_and_allowed_metrics(run: Run) -> None:

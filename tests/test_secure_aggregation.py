@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Message
-from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation as flower_run_simulation
 
-from client.app import make_client_app
-from medmeta.simulate import SimulatedSites, prepare_run_dir
+from medmeta.simulate import SimulatedSites
 from medmeta_common.config import FederationConfig, load_config
 from medmeta_common.errors import ConfigError
 from medmeta_common.protocol import TRAIN_METRICS
-from server.app import run_federation
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
+from tests.recorded_simulation import simulate_recorded
 
 CONFIG = """
 name: secagg
@@ -58,22 +54,6 @@ def write_config(tmp: Path, name: str, *, secure: bool, threshold: float = 0.67,
     return dataclasses.replace(config, sites=tuple(s for s in config.sites if s.name in sites))
 
 
-class RecordingGrid:
-    """Passes everything to Flower's grid and keeps every reply a site sends."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.replies: list[Message] = []
-
-    def pull_messages(self, message_ids: Any) -> list[Message]:
-        replies = list(self._grid.pull_messages(message_ids))
-        self.replies.extend(replies)
-        return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
 @dataclasses.dataclass
 class DeadSite:
     """The sites of ``config``, with ``dead`` losing its data: it fails when asked to train."""
@@ -91,31 +71,7 @@ class DeadSite:
 
 def simulate(config: FederationConfig, out: Path, *, dead: str | None = None
              ) -> list[Message]:
-    prepare_run_dir(config, out, resume=False)
-    recorder: dict[str, RecordingGrid] = {}
-    server_app = ServerApp()
-    abort = threading.Event()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        recorder["grid"] = RecordingGrid(grid)
-        run_federation(recorder["grid"], config, out, resume=False,  # type: ignore[arg-type]
-                       abort=abort)
-
-    try:
-        flower_run_simulation(
-            server_app=server_app,
-            client_app=make_client_app(DeadSite(SimulatedSites(config, out), dead)),
-            num_supernodes=len(config.sites),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": 2, "log_to_driver": False}},
-        )
-    finally:
-        abort.set()
-        import ray
-
-        ray.shutdown()
-    return recorder["grid"].replies
+    return simulate_recorded(config, out, DeadSite(SimulatedSites(config, out), dead))
 
 
 def encoder_of(out: Path) -> dict[str, np.ndarray]:
