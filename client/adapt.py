@@ -152,18 +152,24 @@ def save_adapted(model: AdaptedModel, folder: Path) -> Path:
     return folder / ADAPTED_FILE
 
 
+def read_model_file(path: Path, kind: str, what: str) -> dict[str, Any]:
+    """The payload of a saved model of ``kind``; :class:`CheckpointError` naming ``path``."""
+    try:
+        payload = torch_load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on a bad file
+        raise CheckpointError(f"{path}: not a readable model ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        raise CheckpointError(f"{path}: not {what}")
+    return payload
+
+
 def load_adapted(folder: Path) -> AdaptedModel:
     """Load a model written by :func:`save_adapted`."""
     path = Path(folder) / ADAPTED_FILE if Path(folder).is_dir() else Path(folder)
     if not path.exists():
         raise CheckpointError(f"{folder}: no adapted model (expected {ADAPTED_FILE}; create it "
                               "with `medmeta adapt ... --save DIR`)")
-    try:
-        payload = torch_load(path)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on a bad file
-        raise CheckpointError(f"{path}: not a readable model ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != "medmeta-adapted-model":
-        raise CheckpointError(f"{path}: not a medmeta adapted model")
+    payload = read_model_file(path, "medmeta-adapted-model", "a medmeta adapted model")
     image, model = _configs(payload, str(path))
     classes = tuple(payload["classes"])
     encoder = _encoder(payload["encoder"], image, model, str(path))

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.adapt import MetaModel, _configs, _encoder
+from client.adapt import MetaModel, _configs, _encoder, read_model_file
 from client.segmentation import train_segmenter
-from medmeta_common.checkpoint import atomic_torch_save, atomic_write, atomic_write_text, torch_load
+from medmeta_common.checkpoint import atomic_torch_save, atomic_write, atomic_write_text
 from medmeta_common.config import ImageConfig, ModelConfig
 from medmeta_common.data.images import read_image_file, suffix_of
 from medmeta_common.data.segmentation import CLASSES, SegmentationData
 from medmeta_common.data.transforms import harmonise_stack
-from medmeta_common.errors import CheckpointError, DataError
+from medmeta_common.errors import DataError
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
 
 SEGMENTER_FILE = "adapted_segmenter.pt"
@@ -78,12 +78,7 @@ def is_segmenter(folder: Path) -> bool:
 def load_segmenter(folder: Path) -> AdaptedSegmenter:
     """Load a model written by :func:`save_segmenter`."""
     path = Path(folder) / SEGMENTER_FILE if Path(folder).is_dir() else Path(folder)
-    try:
-        payload = torch_load(path)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on a bad file
-        raise CheckpointError(f"{path}: not a readable model ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != "medmeta-adapted-segmenter":
-        raise CheckpointError(f"{path}: not a medmeta adapted segmenter")
+    payload = read_model_file(path, "medmeta-adapted-segmenter", "a medmeta adapted segmenter")
     image, model_config = _configs(payload, str(path))
     encoder = _encoder(payload["encoder"], image, model_config, str(path))
     decoder = UNetDecoder(encoder.spec.widths, len(CLASSES), encoder.spec.norm_groups)
