@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medmeta_common.checkpoint import atomic_write, atomic_write_text
+from medmeta_common.figures import finished_png
 
 
 def _series(records: list[dict[str, Any]], phase: str, key: str) -> dict[str, dict[int, float]]:
@@ -69,13 +70,7 @@ def write_plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        plt.close(fig)
-        png = buffer.getvalue()
+        png = finished_png(fig, ax)
         atomic_write(out_dir / name, lambda handle, png=png: handle.write(png))
         written.append(out_dir / name)
     return written

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from datetime import UTC, datetime
 
+from medmeta_common.figures import finished_png
 from medmeta_common.privacy.accounting import CONVERSION
 from medmeta_common.privacy.ledger import PrivacyLedger
 from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS
@@ -46,13 +46,7 @@ def epsilon_plot_png(ledger: PrivacyLedger) -> bytes:
     ax.set_xlabel("rounds trained")
     ax.set_ylabel(f"epsilon (delta = {ledger.delta:.1e})")
     ax.set_title(f"Privacy spent at site {ledger.site}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return finished_png(fig, ax)
 
 
 def report_rows(ledger: PrivacyLedger) -> list[list[str]]:
