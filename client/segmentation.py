@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 
-from client.train import DPSettings
+from client.fewshot import mean_ci95
+from client.train import DPSettings, make_private
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.models.decoder import Segmenter, build_decoder
 from medmeta_common.models.encoder import Encoder
@@ -65,9 +65,6 @@ def train_segmenter(model: Segmenter, data: SegmentationData, *, steps: int, bat
     there are fewer, as in few-shot adaptation). Under DP, images are Poisson-sampled at
     rate ``dp.sample_rate`` from fresh OS entropy and Opacus clips and noises.
     """
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     for p in model.encoder.parameters():
         p.requires_grad_(train_encoder)
     model.to(device).train()
@@ -77,16 +74,8 @@ def train_segmenter(model: Segmenter, data: SegmentationData, *, steps: int, bat
     rng = np.random.default_rng(secrets.randbits(128) if dp is not None else seed)
     generator = torch.Generator().manual_seed(seed)
     if dp is not None:
-        # The input images need no gradient; Opacus' hooks warn about it at every step.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        trained = GradSampleModule(model, loss_reduction="sum")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
-                                max_grad_norm=dp.max_grad_norm,
-                                expected_batch_size=max(1, round(dp.sample_rate
-                                                                 * len(data.masks))),
-                                loss_reduction="mean",
-                                generator=torch.Generator(device=device).manual_seed(
-                                    secrets.randbits(63)))
+        trained, optimizer = make_private(
+            model, optimizer, dp, max(1, round(dp.sample_rate * len(data.masks))), device)
     images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks)
     losses = []
     for _ in range(steps):
@@ -157,15 +146,7 @@ def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, s
         if has_foreground.any():
             foreground_scores.append(float(dice[has_foreground].mean()))
     encoder.load_state_dict(initial)
-    mean, ci = _mean_ci(scores)
-    foreground_mean, foreground_ci = _mean_ci(foreground_scores)
+    mean, ci = mean_ci95(scores)
+    foreground_mean, foreground_ci = mean_ci95(foreground_scores)
     return DiceResult(mean, ci, shots, len(scores), foreground_mean, foreground_ci)
 
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 1.96 standard errors (``nan`` for no values, 0 width for one)."""
-    if not values:
-        return math.nan, math.nan
-    array = np.array(values)
-    ci = 1.96 * array.std(ddof=1) / math.sqrt(len(array)) if len(array) > 1 else 0.0
-    return float(array.mean()), float(ci)

@@ -97,6 +97,25 @@ def episode_loss(logits: torch.Tensor, classes: np.ndarray, labels: torch.Tensor
     return F.cross_entropy(logits[:, drawn], targets, reduction="sum")
 
 
+def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: DPSettings,
+                 expected_batch_size: int, device: torch.device
+                 ) -> tuple[GradSampleModule, DPOptimizer]:
+    """Opacus DP-SGD around ``model`` and ``optimizer``, noise drawn from OS entropy.
+
+    Per-record gradients of a *summed* loss; the DPOptimizer clips each, sums, adds
+    noise and divides by the *expected* batch size (fixed, as Poisson sampling requires).
+    """
+    # The input images need no gradient, which torch's full backward hooks (used by
+    # Opacus) warn about at every step; the warning is expected and says nothing.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
+                          max_grad_norm=dp.max_grad_norm,
+                          expected_batch_size=expected_batch_size, loss_reduction="mean",
+                          generator=torch.Generator(device=device).manual_seed(
+                              secrets.randbits(63)))
+    return GradSampleModule(model, loss_reduction="sum"), private
+
+
 def train_cosine(
     model: EncoderWithHead,
     data: SiteData,
@@ -130,18 +149,8 @@ def train_cosine(
                                                        momentum=train.momentum)
     trained: torch.nn.Module = model
     if dp is not None:
-        # Per-record gradients of a summed loss; DPOptimizer clips each, sums, adds noise
-        # and divides by the *expected* batch size (fixed, as Poisson sampling requires).
-        # The input images need no gradient, which torch's full backward hooks (used by
-        # Opacus) warn about at every step; the warning is expected and says nothing.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        trained = GradSampleModule(model, loss_reduction="sum")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
-                                max_grad_norm=dp.max_grad_norm,
-                                expected_batch_size=sampler.expected_batch_size(),
-                                loss_reduction="mean",
-                                generator=torch.Generator(device=device).manual_seed(
-                                    secrets.randbits(63)))
+        trained, optimizer = make_private(model, optimizer, dp,
+                                          sampler.expected_batch_size(), device)
     views = train.augment_multiplicity if train.augment else 1
     rotate = model.rotation is not None and train.rotation_weight > 0
     losses, seen = [], 0
