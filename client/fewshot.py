@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,12 +50,20 @@ class FewShotResult:
         }
 
 
+def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and 95% interval half-width (1.96 standard errors); ``nan`` for no values."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return math.nan, math.nan
+    ci = 1.96 * array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else 0.0
+    return float(array.mean()), float(ci)
+
+
 def summarise(accuracies: list[float], ways: int, shots: int) -> FewShotResult:
     """Mean and 95% interval (1.96 standard errors) of per-episode accuracies."""
-    values = np.asarray(accuracies, dtype=float)
-    ci = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return FewShotResult(float(values.mean()), float(ci), ways, shots, len(values),
-                         tuple(float(v) for v in values))
+    mean, ci = mean_ci95(accuracies)
+    return FewShotResult(mean, ci, ways, shots, len(accuracies),
+                         tuple(float(v) for v in accuracies))
 
 
 @torch.no_grad()

@@ -10,12 +10,12 @@ reports the Dice of its decoder on the global encoder for its validation images.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
 import torch
 
+from client.fewshot import mean_ci95
 from client.rounds import RoundSettings, TrainOutcome, private_round
 from client.segmentation import dice_per_image, train_segmenter
 from client.site import SiteRuntime, site_seed
@@ -23,7 +23,7 @@ from client.train import DPSettings
 from medmeta_common.checkpoint import atomic_torch_save, torch_load
 from medmeta_common.config import ImageConfig
 from medmeta_common.data.segmentation import SegmentationData, load_segmentation
-from medmeta_common.data.splits import assign_groups
+from medmeta_common.data.splits import train_val_split
 from medmeta_common.device import pick_device
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
 from medmeta_common.models.encoder import Encoder
@@ -49,8 +49,7 @@ def segmentation_splits(site: SiteRuntime, image: ImageConfig,
             log.warning("site %s: one source image only; its validation tiles are split by "
                         "tile, not by source", site.name)
             groups = np.array(data.refs, dtype=object)
-        bucket = assign_groups(groups, [1 - site.val_fraction, site.val_fraction], seed)
-        train, val = (data.subset(np.flatnonzero(bucket == b)) for b in (0, 1))
+        train, val = train_val_split(data, groups, site.val_fraction, seed)
         log.info("site %s: %d training and %d validation slices/tiles", site.name,
                  len(train.masks), len(val.masks))
         _SPLITS[key] = (train, val)
@@ -123,6 +122,6 @@ def evaluate_segmentation_round(site: SiteRuntime, settings: RoundSettings,
     model.eval()
     with torch.no_grad():
         scores = dice_per_image(model(torch.from_numpy(val.images)), torch.from_numpy(val.masks))
-    ci = 1.96 * scores.std(ddof=1) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
-    metrics.update({"dice": float(scores.mean()), "dice-ci95": float(ci)})
+    mean, ci = mean_ci95(scores)
+    metrics.update({"dice": mean, "dice-ci95": ci})
     return metrics

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from medmeta_common.checkpoint import atomic_torch_save, torch_load
@@ -19,7 +18,7 @@ from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
 from medmeta_common.data.cache import cache_key, load_cached, store
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
-from medmeta_common.data.splits import assign_groups
+from medmeta_common.data.splits import train_val_split
 from medmeta_common.models.heads import CosineClassifier
 
 log = logging.getLogger(__name__)
@@ -61,9 +60,7 @@ def site_splits(site: SiteRuntime, image: ImageConfig, seed: int) -> SiteSplits:
     key = (site.name, site.data, image, site.val_fraction, seed)
     if key not in _SPLITS:
         data = _load_with_cache(site, image)
-        bucket = assign_groups(data.groups, [1 - site.val_fraction, site.val_fraction], seed)
-        splits = SiteSplits(data.subset(np.flatnonzero(bucket == 0)),
-                            data.subset(np.flatnonzero(bucket == 1)))
+        splits = SiteSplits(*train_val_split(data, data.groups, site.val_fraction, seed))
         log.info("site %s: %d training and %d validation images, %d classes", site.name,
                  len(splits.train), len(splits.val), len(data.classes))
         _SPLITS[key] = splits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,3 +72,10 @@ def partition_by_group(
     """Positions of the records in part ``index`` of ``parts`` equal, group-disjoint parts."""
     buckets = assign_groups(groups, [1.0] * parts, seed)
     return np.flatnonzero(buckets == index)
+
+
+def train_val_split(data: Any, groups: Sequence[str] | np.ndarray, val_fraction: float,
+                    seed: int) -> tuple[Any, Any]:
+    """``data`` (anything with ``subset``) split into training and validation by group."""
+    bucket = assign_groups(groups, [1 - val_fraction, val_fraction], seed)
+    return data.subset(np.flatnonzero(bucket == 0)), data.subset(np.flatnonzero(bucket == 1))
