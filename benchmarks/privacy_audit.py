@@ -61,9 +61,9 @@ def main() -> None:
         started = time.monotonic()
         report = run_audit(site, claimed_epsilon=claim, noise_multiplier_used=used, **common)
         r = report.result
-        sigma = report.noise_multiplier if used is None else used
         verdict = "leaks (audit has power)" if claim is None else \
             ("pass" if report.passed else "FAIL: bound above claim")
+        sigma = report.noise_multiplier_trained
         print(f"| {name} | {claim if claim is not None else '—'} | {sigma:.3f} | "
               f"{r.correct}/{r.guesses} | {r.epsilon_lower_bound:.2f} | {verdict} | "
               f"{time.monotonic() - started:.0f} |", flush=True)

@@ -42,6 +42,7 @@ class AuditReport:
     noise_multiplier: float
     steps: int
     sample_rate: float
+    noise_multiplier_trained: float  # differs from the calibrated one only in broken runs
 
     @property
     def passed(self) -> bool:
@@ -91,7 +92,7 @@ def run_audit(site: SiteData, *, image: ImageConfig, model: ModelConfig, train: 
     rate = sample_rate_for(train, len(data), len(data.classes))
     delta = default_delta(len(data))
     dp = None
-    sigma = 0.0
+    sigma = used = 0.0
     if claimed_epsilon is not None:
         sigma = calibrate_noise(epsilon=claimed_epsilon, delta=delta, sample_rate=rate,
                                 steps=train.local_steps)
@@ -110,7 +111,7 @@ def run_audit(site: SiteData, *, image: ImageConfig, model: ModelConfig, train: 
         spent = epsilon_of([(sigma, rate, train.local_steps)], delta)
         log.info("audited run: sigma %.3f, rate %.4f, %d steps, epsilon %.3f", sigma, rate,
                  train.local_steps, spent)
-    return AuditReport(result, claimed_epsilon, delta, sigma, train.local_steps, rate)
+    return AuditReport(result, claimed_epsilon, delta, sigma, train.local_steps, rate, used)
 
 
 @dataclass(frozen=True)

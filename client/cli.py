@@ -160,9 +160,7 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
                       "correct": r.result.correct, "guesses": r.result.guesses,
                       "claimed_epsilon": r.claimed_epsilon,
                       "noise_multiplier": r.noise_multiplier,
-                      "noise_multiplier_trained": (args.noise_multiplier
-                                                   if name == "dp" and args.noise_multiplier
-                                                   is not None else r.noise_multiplier),
+                      "noise_multiplier_trained": r.noise_multiplier_trained,
                       "sample_rate": r.sample_rate, "steps": r.steps, "delta": r.delta}
                for name, r in runs.items() if r is not None}
     if args.json:

@@ -113,7 +113,6 @@ class SecureRoundStrategy(Strategy):
         """Meta-update from the unmasked mean update; ``results`` carry it, not their own."""
         sites: dict[str, dict[str, Any]] = {}
         contributors = 0
-        mean_update: list[np.ndarray] | None = None
         for proxy, fitres in results:
             name = self.meta.site_name(proxy.node_id)
             metrics = {k: v for k, v in fitres.metrics.items() if k in TRAIN_METRICS}
@@ -121,21 +120,22 @@ class SecureRoundStrategy(Strategy):
                 sites[name] = {"status": "refused", **metrics}
                 continue
             weight = finite_float(metrics.get(NUM_EXAMPLES))
-            sites[name] = {"status": "accepted" if weight and weight > 0 else "rejected",
-                           **metrics}
-            contributors += int(bool(weight and weight > 0))
-            mean_update = parameters_to_ndarrays(fitres.parameters)
+            accepted = weight is not None and weight > 0
+            sites[name] = {"status": "accepted" if accepted else "rejected", **metrics}
+            contributors += int(accepted)
         answered = {p.node_id for p, _ in results}
         for node in self.sampled:
             if node not in answered:
                 sites[self.meta.site_name(node)] = {"status": "dropped"}
         self.record = {"round": self.round_number, "phase": "train", "sites": sites,
                        "accepted": contributors, "secure_aggregation": True}
-        if contributors < self.meta.min_sites or mean_update is None:
+        if contributors < self.meta.min_sites:
             log.warning("round %d: %d site update(s) in the secure sum, fewer than "
                         "min_sites=%d; the global encoder is kept", self.round_number,
                         contributors, self.meta.min_sites)
             return None, {}
+        # Every result carries the same unmasked mean (Flower's workflow sets it on each).
+        mean_update = parameters_to_ndarrays(results[0][1].parameters)
         target = {}
         for (key, value), delta in zip(self.current.items(), mean_update, strict=True):
             if delta.shape != value.shape or not np.isfinite(delta).all():

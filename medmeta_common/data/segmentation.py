@@ -116,18 +116,14 @@ def load_segmentation(folder: Path | str, image: ImageConfig, *, tile: int = 128
     if not images:
         raise DataError(str(folder), "no usable image/mask pair: " +
                         "; ".join(f"{i.file}: {i.reason}" for i in issues.issues[:3]))
-    harmonised = np.concatenate([
-        harmonise_stack(np.stack(batch), size=image.size, channels=image.channels,
-                        intensity=image.intensity)
-        for batch in _same_shape_batches(images)])
-    resized = np.concatenate([resize_masks(np.stack(batch), image.size)
-                              for batch in _same_shape_batches(masks)])
-    order = np.concatenate(_same_shape_order(images))
-    mask_order = np.concatenate(_same_shape_order(masks))
-    out_images = np.empty_like(harmonised)
-    out_images[order] = harmonised
-    out_masks = np.empty_like(resized)
-    out_masks[mask_order] = resized
+    out_images = np.empty((len(images), image.channels, image.size, image.size), np.float32)
+    for index in _same_shape_order(images):
+        out_images[index] = harmonise_stack(np.stack([images[i] for i in index]),
+                                            size=image.size, channels=image.channels,
+                                            intensity=image.intensity)
+    out_masks = np.empty((len(masks), image.size, image.size), np.int64)
+    for index in _same_shape_order(masks):
+        out_masks[index] = resize_masks(np.stack([masks[i] for i in index]), image.size)
     return SegmentationData(out_images, out_masks, np.array(groups, dtype=object), tuple(refs),
                             issues=tuple(issues.issues))
 
@@ -188,14 +184,11 @@ def _describe(index: tuple) -> str:
 
 
 def _same_shape_order(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Indices of ``arrays`` grouped by shape (each group is processed as one batch)."""
     shapes: dict[tuple, list[int]] = {}
     for i, a in enumerate(arrays):
         shapes.setdefault(a.shape, []).append(i)
     return [np.array(v) for v in shapes.values()]
-
-
-def _same_shape_batches(arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
-    return [[arrays[i] for i in index] for index in _same_shape_order(arrays)]
 
 
 def _stem(path: Path) -> str:
