@@ -42,7 +42,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    records, steps, canaries, guesses = (500, 300, 200, 40) if args.quick else \
+    records, steps, canaries, guesses = (500, 600, 200, 40) if args.quick else \
         (1000, 600, 500, 100)
     site = load_site(DataConfig(path=str(args.data), split=None), ImageConfig())
     site = site.subset(np.random.default_rng(0).permutation(len(site.labels))[:records])

@@ -2,7 +2,7 @@
 
 The audit reuses the site's real training step (:func:`client.train.train_cosine`,
 Opacus DP-SGD, the same sampler) on the site's own training images plus ``m``
-canaries: white-noise images, each with a random label of the site and each
+canaries: smooth random patterns, each with a random label of the site and each
 included with probability 1/2. After training, a canary's score is minus its
 loss under its label; the most and least confident guesses give an empirical ε lower
 bound at 95% (see :mod:`medmeta_common.privacy.audit`). A DP run whose lower bound
@@ -55,13 +55,15 @@ def make_canaries(site: SiteData, count: int, rng: np.random.Generator
                   ) -> tuple[SiteData, SiteData, np.ndarray]:
     """The training data with the included canaries, all canaries, and who was included.
 
-    Canaries are white-noise images, each with a random class of the site: far from
-    every real image, so membership shows in the loss. (Real images with a wrong label
-    were measured too and leaked less within a site's step budget.) Each is included
-    with probability 1/2.
+    Canaries are smooth random patterns (8x8 Gaussian noise upsampled to the image
+    size), each with a random class of the site: far from every real image, so
+    membership shows in the loss, and distinct from each other after pooling. (White
+    noise pools to nearly the same embedding for every canary and leaked erratically:
+    a non-private control on 500 BCCD images found 50 to 79 of 80 guesses right
+    depending on the seed; real images with a wrong label leaked less still.) Each is
+    included with probability 1/2.
     """
-    shape = site.images.shape[1:]
-    images = rng.standard_normal((count, *shape)).astype(np.float32)
+    images = smooth_noise(count, site.images.shape[1:], rng)
     labels = rng.integers(0, len(site.classes), size=count)
     included = rng.random(count) < 0.5
     names = np.array([f"canary-{i}" for i in range(count)], dtype=object)
@@ -74,6 +76,26 @@ def make_canaries(site: SiteData, count: int, rng: np.random.Generator
                      groups=np.concatenate([site.groups.astype(object), members.groups]),
                      refs=site.refs + members.refs)
     return train, canaries, included
+
+
+def smooth_noise(count: int, shape: tuple[int, ...], rng: np.random.Generator,
+                 cells: int = 8) -> np.ndarray:
+    """Random ``cells x cells`` patterns blown up to ``shape``, zero mean, unit variance."""
+    channels, height, width = shape
+    coarse = torch.from_numpy(rng.standard_normal((count, channels, cells, cells))
+                              .astype(np.float32))
+    images = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    images = (images - images.mean(dim=(1, 2, 3), keepdim=True)) / \
+        images.std(dim=(1, 2, 3), keepdim=True)
+    return images.numpy()
+
+
+def canary_losses(net: EncoderWithHead, canaries: SiteData) -> np.ndarray:
+    """Each canary's cross-entropy under its label."""
+    with torch.no_grad():
+        logits = net.eval()(torch.from_numpy(canaries.images))
+        losses = F.cross_entropy(logits, torch.from_numpy(canaries.labels), reduction="none")
+    return losses.numpy()
 
 
 def run_audit(site: SiteData, *, image: ImageConfig, model: ModelConfig, train: TrainConfig,
@@ -99,14 +121,13 @@ def run_audit(site: SiteData, *, image: ImageConfig, model: ModelConfig, train: 
         used = sigma if noise_multiplier_used is None else noise_multiplier_used
         dp = DPSettings(used, rate, max_grad_norm)
     encoder = build_encoder(model, image, seed)
-    net = EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, len(data.classes),
-                                                    model.cosine_scale))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = CosineClassifier(encoder.embedding_dim, len(data.classes), model.cosine_scale)
+    net = EncoderWithHead(encoder, head)
     train_cosine(net, data, train, dp=dp, sample_rate=rate, seed=seed,
                  device=torch.device("cpu"))
-    with torch.no_grad():
-        logits = net.eval()(torch.from_numpy(probes.images))
-        losses = F.cross_entropy(logits, torch.from_numpy(probes.labels), reduction="none")
-    result = guess_and_score(-losses.numpy(), included, guesses_per_side)
+    result = guess_and_score(-canary_losses(net, probes), included, guesses_per_side)
     if claimed_epsilon is not None:
         spent = epsilon_of([(sigma, rate, train.local_steps)], delta)
         log.info("audited run: sigma %.3f, rate %.4f, %d steps, epsilon %.3f", sigma, rate,

@@ -23,9 +23,10 @@ from medmeta_common.privacy.audit import epsilon_lower_bound, guess_and_score
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "medmeta.cli"]
 
-# A small real site and a step budget in which a non-private run memorises canaries.
+# A small real site and a step budget in which a non-private run memorises canaries
+# (79 or 76 of 80 guesses right over four seeds; 300 steps found 58 to 78).
 AUDIT_ARGS = ["--config", str(ROOT / "configs" / "demo.yaml"), "--records", "500",
-              "--steps", "300", "--batch-size", "64", "--canaries", "200", "--guesses", "40"]
+              "--steps", "600", "--batch-size", "64", "--canaries", "200", "--guesses", "40"]
 
 
 def test_all_guesses_right_matches_the_closed_form() -> None:
