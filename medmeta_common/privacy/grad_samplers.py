@@ -2,9 +2,9 @@
 
 :class:`~medmeta_common.models.encoder.StandardizedConv2d` convolves with standardised
 filters ``w_hat = (w - mean(w)) / s`` (``s = sqrt(var(w) + eps)``, per output filter).
-Each sample's gradient ``g`` with respect to ``w_hat`` is the usual convolution one
-(from unfolded activations and backpropagated gradients, as Opacus computes it for
-``nn.Conv2d``); the chain rule through the standardisation then gives, per filter,
+Each sample's gradient ``g`` with respect to ``w_hat`` is the usual convolution weight
+gradient of that sample (computed for all samples at once as one grouped convolution);
+the chain rule through the standardisation then gives, per filter,
 
     dL/dw = (g - mean(g) - w_hat * mean(g * w_hat)) / s
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from opacus.grad_sample import register_grad_sampler
-from opacus.utils.tensor_utils import unfold2d
 
 from medmeta_common.models.encoder import StandardizedConv2d
 
@@ -26,8 +25,8 @@ def standardized_conv_grad_sample(
     layer: StandardizedConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a weight-standardised convolution (``groups == 1``)."""
-    if layer.groups != 1:
-        raise NotImplementedError("standardised convolutions with groups > 1")
+    if layer.groups != 1 or isinstance(layer.padding, str):
+        raise NotImplementedError("standardised convolutions with groups > 1 or string padding")
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
     result: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -36,20 +35,24 @@ def standardized_conv_grad_sample(
         if layer.bias is not None and layer.bias.requires_grad:
             result[layer.bias] = torch.zeros_like(layer.bias).unsqueeze(0)[:0]
         return result
-    columns = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding,
-                       stride=layer.stride, dilation=layer.dilation)
-    grads = backprops.reshape(n, -1, columns.shape[-1])
+    out, size = layer.out_channels, x.shape[2:]
     if layer.bias is not None and layer.bias.requires_grad:
-        result[layer.bias] = grads.sum(dim=2)
+        result[layer.bias] = backprops.sum(dim=(2, 3))
     if not layer.weight.requires_grad:
         return result
-    # g: (B, out, in, kh, kw), each sample's gradient w.r.t. the standardised filters.
-    g = torch.einsum("noq,npq->nop", grads, columns).view(n, *layer.weight.shape)
-    w = layer.weight.detach()
-    mean = w.mean(dim=(1, 2, 3), keepdim=True)
-    scale = torch.sqrt(w.var(dim=(1, 2, 3), keepdim=True, unbiased=False) + layer.eps)
-    w_hat = ((w - mean) / scale).unsqueeze(0)
-    g_mean = g.mean(dim=(2, 3, 4), keepdim=True)
-    g_proj = (g * w_hat).mean(dim=(2, 3, 4), keepdim=True)
-    result[layer.weight] = (g - g_mean - w_hat * g_proj) / scale.unsqueeze(0)
+    # g: (B, out, in * kh * kw), each sample's gradient w.r.t. the standardised filters,
+    # as the weight gradient of one grouped convolution with a group per sample (on CPU
+    # about twice as fast as Opacus's unfold-and-multiply for our layer shapes).
+    _, g, _ = torch.ops.aten.convolution_backward(
+        backprops.reshape(1, n * out, *backprops.shape[2:]), x.reshape(1, -1, *size),
+        x.new_empty((n * out, layer.in_channels, *layer.kernel_size)), None, layer.stride,
+        layer.padding, layer.dilation, False, (0, 0), n, (False, True, False))
+    g = g.view(n, out, -1)
+    w = layer.weight.detach().reshape(out, -1)
+    scale = torch.sqrt(w.var(dim=1, keepdim=True, unbiased=False) + layer.eps)
+    w_hat = (w - w.mean(dim=1, keepdim=True)) / scale
+    g_proj = torch.einsum("nok,ok->no", g, w_hat).unsqueeze(-1) / w.shape[1]
+    # In place: g is ours, and these tensors are the largest the DP step touches.
+    g.sub_(g.mean(dim=-1, keepdim=True)).sub_(w_hat * g_proj).div_(scale)
+    result[layer.weight] = g.view(n, *layer.weight.shape)
     return result
