@@ -34,6 +34,7 @@ from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 from medmeta_common.protocol import layout_of
+from medmeta_common.update_codec import decode_update, encode_update, payload_bytes
 from server.aggregation import server_target
 from server.meta_update import MetaOptimizer
 from server.update_checks import screen_update, update_norm
@@ -105,12 +106,17 @@ def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "
             sent = {k: v.detach().cpu().numpy() for k, v in outcome.encoder.state_dict().items()}
             if tamper is not None:
                 sent = tamper(site.name, round_number, state, sent)
+            sent_bytes = payload_bytes(sent)
+            if server.update_encoding != "float32":  # what travels, and what the server decodes
+                wire = encode_update(sent, state, server.update_encoding)
+                sent_bytes = payload_bytes(wire)
+                sent = decode_update(wire, state, server.update_encoding)
             problem = screen_update(sent, state, layout, max_update_norm=server.max_update_norm)
             if problem:
                 log.warning("rejected update from site %s: %s", site.name, problem)
                 statuses[site.name] = {"status": "rejected", "reason": problem}
                 continue
-            statuses[site.name] = {"status": "accepted",
+            statuses[site.name] = {"status": "accepted", "update_bytes": sent_bytes,
                                    "update_norm": update_norm(sent, state)}
             states.append(sent)
             weights.append(float(outcome.metrics["num-examples"]))

@@ -29,7 +29,13 @@ from client.site import SiteRuntime
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import encoder_spec
 from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_update, layout_of
-from medmeta_common.wire import arrays_to_numpy, arrays_to_state, encoder_to_arrays
+from medmeta_common.update_codec import encode_update
+from medmeta_common.wire import (
+    arrays_to_numpy,
+    arrays_to_state,
+    encoder_to_arrays,
+    numpy_to_arrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,13 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
     outcome = train_round(site, settings, _global_encoder(msg, settings))
     records = RecordDict({METRICS_KEY: MetricRecord(outcome.metrics)})
     if outcome.encoder is not None:
-        records[ARRAYS_KEY] = encoder_to_arrays(outcome.encoder)
+        if settings.update_encoding == "float32":
+            records[ARRAYS_KEY] = encoder_to_arrays(outcome.encoder)
+        else:  # a float16 or int8 delta against the encoder the server sent
+            trained = arrays_to_numpy(encoder_to_arrays(outcome.encoder))
+            base = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
+            records[ARRAYS_KEY] = numpy_to_arrays(
+                encode_update(trained, base, settings.update_encoding))
     return Message(records, reply_to=msg)
 
 

@@ -36,6 +36,7 @@ from medmeta_common.models.heads import EncoderWithHead
 from medmeta_common.privacy.accounting import calibrate_noise, default_delta
 from medmeta_common.privacy.ledger import PrivacyLedger, ledger_lock
 from medmeta_common.protocol import NUM_EXAMPLES, rebuild
+from medmeta_common.update_codec import ENCODINGS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class RoundSettings:
     planned_rounds: int
     server_round: int
     seed: int
+    update_encoding: str = "float32"
 
 
 def read_settings(config: Mapping[str, Any]) -> RoundSettings:
@@ -63,7 +65,16 @@ def read_settings(config: Mapping[str, Any]) -> RoundSettings:
         planned_rounds=int(config.get("planned-rounds", 1)),
         server_round=int(config.get("server-round", 0)),
         seed=int(config.get("seed", 0)),
+        update_encoding=_update_encoding(config),
     )
+
+
+def _update_encoding(config: Mapping[str, Any]) -> str:
+    encoding = str(config.get("update-encoding", "float32"))
+    if encoding not in ENCODINGS:
+        raise ValueError(f"the server asked for update encoding {encoding!r}; this site "
+                         f"supports {', '.join(ENCODINGS)}")
+    return encoding
 
 
 @dataclass(frozen=True)

@@ -382,6 +382,10 @@ class MetaUpdateConfig:
         Site-level DP at the server (:mod:`server.central_dp`).
     secure_aggregation : SecureAggregationConfig, optional
         SecAgg+: the server sees only the sum of the updates (:mod:`server.secure`).
+    update_encoding : {"float32", "float16", "int8"}
+        What each site sends: its encoder in float32 (default), or its update (trained
+        minus global) in float16 (half the bytes) or stochastically rounded int8 with a
+        per-tensor scale (about a quarter); :mod:`medmeta_common.update_codec`.
 
     """
 
@@ -399,6 +403,7 @@ class MetaUpdateConfig:
     max_update_norm: float | None = None
     central_dp: CentralDPConfig | None = None
     secure_aggregation: SecureAggregationConfig | None = None
+    update_encoding: Literal["float32", "float16", "int8"] = "float32"
 
     def __post_init__(self) -> None:
         check(0 <= self.trim_fraction < 0.5, field="trim_fraction",
@@ -433,6 +438,9 @@ class MetaUpdateConfig:
                   expected="central_dp: null (site-level DP clips each update at the server, "
                   "which secure aggregation hides; not supported together yet)",
                   found="central_dp set")
+            check(self.update_encoding == "float32", field="update_encoding",
+                  expected="float32 with secure_aggregation (SecAgg+ quantises the update "
+                  "itself)", found=self.update_encoding)
 
 
 @dataclass(frozen=True)
@@ -531,7 +539,7 @@ class MethodConfig:
 # out of fingerprints while at the default, so that those runs can still be resumed.
 _LATER_SERVER_DEFAULTS = {"aggregator": "mean", "trim_fraction": 0.2, "max_faulty": 1,
                           "max_update_norm": None, "central_dp": None,
-                          "secure_aggregation": None}
+                          "secure_aggregation": None, "update_encoding": "float32"}
 
 
 # Site settings added later, likewise left out of fingerprints while at their default.

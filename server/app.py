@@ -42,7 +42,8 @@ def settings_record(config: RunConfig) -> ConfigRecord:
     entries: dict[str, Any] = {}
     for prefix in ("image", "model", "train", "evaluation"):
         entries.update(flatten(getattr(config, prefix), prefix))
-    entries.update({"planned-rounds": config.rounds, "seed": config.seed})
+    entries.update({"planned-rounds": config.rounds, "seed": config.seed,
+                    "update-encoding": config.server.update_encoding})
     return to_config_record(entries)
 
 

@@ -34,8 +34,10 @@ from medmeta_common.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
     TRAIN_METRICS,
+    check_update,
     finite_float,
 )
+from medmeta_common.update_codec import decode_update, encoded_layout, payload_bytes
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 from server.aggregation import server_target
 from server.central_dp import central_epsilon
@@ -224,12 +226,22 @@ class MetaStrategy(FedAvg):
             return "rejected", {"reason": "unexpected records"}, None
         arrays = arrays_to_numpy(content.array_records[ARRAYS_KEY])
         assert self._current is not None, "configure_train runs before aggregate_train"
+        sent_bytes = payload_bytes(arrays)
+        encoding = self.meta_optimizer.config.update_encoding
+        if encoding != "float32":
+            problem = check_update(arrays, encoded_layout(self.layout, encoding))
+            if problem:
+                log.warning("rejected update from site %s: %s (%s encoding)", name, problem,
+                            encoding)
+                return "rejected", {"reason": f"{problem} ({encoding} encoding)"}, None
+            arrays = decode_update(arrays, self._current, encoding)
         problem = screen_update(arrays, self._current, self.layout,
                                 max_update_norm=self.meta_optimizer.config.max_update_norm)
         if problem:
             log.warning("rejected update from site %s: %s", name, problem)
             return "rejected", {"reason": problem}, None
-        return "accepted", {**metrics, "update_norm": update_norm(arrays, self._current)}, arrays
+        return "accepted", {**metrics, "update_norm": update_norm(arrays, self._current),
+                            "update_bytes": sent_bytes}, arrays
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
