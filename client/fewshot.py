@@ -132,6 +132,8 @@ def fit_head(embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int, ste
     """A cosine classifier started at the class prototypes, then trained ``steps`` times."""
     head = CosineClassifier(embeddings.shape[1], n_classes, scale).to(embeddings.device)
     head.set_prototypes(prototypes(embeddings, labels, n_classes))
+    if steps == 0:  # prototypes only; building an optimizer alone costs torch ~1 s of imports
+        return head
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()

@@ -26,19 +26,21 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from medmeta_common.config import TrainConfig
 from medmeta_common.data.records import SiteData
 from medmeta_common.device import autocast
 from medmeta_common.episodes import PoissonEpisodeSampler, sample_episode
 from medmeta_common.models.heads import EncoderWithHead, prototypes
-from medmeta_common.privacy import grad_samplers  # noqa: F401 - registers Opacus rules
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,13 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: D
     Per-record gradients of a *summed* loss; the DPOptimizer clips each, sums, adds
     noise and divides by the *expected* batch size (fixed, as Poisson sampling requires).
     """
+    # Opacus is imported here, not at the top: it costs ~1.2 s, and evaluation and
+    # adaptation never need it.
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from medmeta_common.privacy import grad_samplers  # noqa: F401 - registers our rules
+
     # The input images need no gradient, which torch's full backward hooks (used by
     # Opacus) warn about at every step; the warning is expected and says nothing.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

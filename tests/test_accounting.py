@@ -12,6 +12,7 @@ from opacus import GradSampleModule
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.optimizers import DPOptimizer
 
+from medmeta_common.privacy import grad_samplers  # noqa: F401 - our per-sample rules
 from medmeta_common.privacy.accounting import ALPHAS, calibrate_noise, epsilon_of
 
 

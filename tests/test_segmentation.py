@@ -22,6 +22,7 @@ from medmeta_common.data.segmentation import load_segmentation
 from medmeta_common.errors import DataError
 from medmeta_common.models.decoder import Segmenter, build_decoder
 from medmeta_common.models.factory import build_encoder
+from medmeta_common.privacy import grad_samplers  # noqa: F401 - our per-sample rules
 from tests.conftest import shared_file
 
 IMAGE = ImageConfig(size=32)

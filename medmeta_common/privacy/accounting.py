@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 ACCOUNTANT = "rdp"
 CONVERSION = "RDP (sampled Gaussian) -> (epsilon, delta) by Balle et al. 2020, Thm. 21"
 
@@ -30,6 +27,8 @@ def epsilon_of(history: Sequence[HistoryEntry], delta: float) -> float:
     """ε spent after the steps in ``history`` at ``delta`` (0 for an empty history)."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant  # Opacus costs ~1.2 s to import
+
     accountant = RDPAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
@@ -41,6 +40,8 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
     Opacus' binary search returns the upper end of its bracket, so the result never
     overshoots the target ε.
     """
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=epsilon,

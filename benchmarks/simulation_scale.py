@@ -1,0 +1,158 @@
+"""Flower-simulated federations: round time beside in-process training, and 100 sites.
+
+``--sites N`` real sites are cut from the blood-cell training set (PBC, 8k images,
+``partition: {parts: N}``), every site under DP at epsilon 8, the shipped method
+(configs/benchmark.yaml). ``medmeta simulate``'s engine (Flower's simulation engine,
+Ray backend, one CPU per site) runs the rounds; memory is the summed proportional
+set size (PSS, shared pages split between processes) of this process and every
+process it started (Ray's and the site workers), sampled every 0.2 s.
+
+``--baseline`` also runs the same sites' local training back-to-back in this process
+without Flower (:func:`benchmarks.federation.run_inprocess`: same rounds, same
+training, same meta-update, one thread per site), and prints the ratio per round.
+
+    python benchmarks/simulation_scale.py --sites 10 --rounds 3 --baseline
+    python benchmarks/simulation_scale.py --sites 100 --fraction 0.1 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medmeta_common.config import (
+    DataConfig,
+    FederationConfig,
+    PartitionConfig,
+    SiteConfig,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PeakMemory:
+    """Peak summed PSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, root_pid: int, interval: float = 0.2) -> None:
+        self.root_pid, self.interval, self.peak = root_pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_pss(pid) for pid in self._tree()))
+            self._stop.wait(self.interval)
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+        found, todo = [], [self.root_pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def federation(base: FederationConfig, data: Path, sites: int, rounds: int,
+               fraction: float) -> FederationConfig:
+    """``sites`` blood-cell sites, each a disjoint partition of the PBC training split."""
+    path = str(data / "pbc_blood" / "pbc_blood_5class_28.npz")
+    configs = tuple(SiteConfig(name=f"site-{i:03d}",
+                               data=DataConfig(path=path,
+                                               partition=PartitionConfig(parts=sites, index=i)))
+                    for i in range(sites))
+    server = replace(base.server, fraction_train=fraction, fraction_evaluate=0.0, min_sites=2)
+    return replace(base, name=f"scale-{sites}", sites=configs, rounds=rounds, server=server,
+                   held_out=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark.yaml")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fraction", type=float, default=1.0, help="sites sampled per round")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run the same training in process, without Flower")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    from medmeta.simulate import run_simulation
+    from server.state import RunState
+
+    config = federation(load_config(args.config), args.data, args.sites, args.rounds,
+                        args.fraction)
+    print(f"# simulated federation: {args.sites} PBC sites, {args.fraction:g} sampled per "
+          f"round, {args.rounds} rounds, DP epsilon 8, {config.train.local_steps} local steps; "
+          f"{platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        with PeakMemory(os.getpid()) as memory:
+            run_simulation(config, Path(tmp) / "sim")
+        wall = time.monotonic() - started
+        rounds = [r for r in RunState(Path(tmp) / "sim").read_metrics() if r["phase"] == "train"]
+        simulated = [float(r["seconds"]) for r in rounds]
+        print(f"simulation: {wall:.1f} s in all, peak memory {memory.peak / 2**30:.2f} GiB "
+              f"(PSS, all processes)")
+        for r in rounds:
+            print(f"  round {r['round']}: {r['seconds']:.1f} s, {r['accepted']} sites trained")
+        if args.baseline:
+            import torch
+
+            from benchmarks.federation import run_inprocess
+
+            torch.set_num_threads(max(1, int(config.runtime.cpus_per_site)))
+            _, history = run_inprocess(config, Path(tmp) / "inprocess")
+            inprocess = [h["seconds"] for h in history]
+            for i, (s, b) in enumerate(zip(simulated, inprocess, strict=True), start=1):
+                print(f"  round {i}: simulated {s:.1f} s, in process (baseline) {b:.1f} s, "
+                      f"ratio {s / b:.2f}x")
+            later = slice(1, None) if len(simulated) > 1 else slice(None)
+            ratio = statistics.median(simulated[later]) / statistics.median(inprocess[later])
+            print(f"median ratio after the first round: {ratio:.2f}x; first round (engine "
+                  f"start-up): {simulated[0] / inprocess[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
