@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,13 +62,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="alternating timings of each; the medians are compared")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = site(max(4000, args.batch * 20), args.size, 5)
-    plain = timed(data, args, None)
-    private = timed(data, args, DPSettings(noise_multiplier=1.0, sample_rate=args.batch / len(data),
-                                           max_grad_norm=1.0))
+    dp = DPSettings(noise_multiplier=1.0, sample_rate=args.batch / len(data), max_grad_norm=1.0)
+    # Alternate the two so that a noisy neighbour or a clock change hits both alike.
+    plains, privates = [], []
+    for _ in range(args.repeats):
+        plains.append(timed(data, args, None))
+        privates.append(timed(data, args, dp))
+    plain, private = statistics.median(plains), statistics.median(privates)
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"# train step: {args.preset} encoder, {args.size}x{args.size}, expected batch "
           f"{args.batch}, {args.device} ({name}), amp={args.amp}, torch {torch.__version__}, "
@@ -75,7 +82,8 @@ def main() -> None:
     print(f"non-private step  {1000 * plain:8.1f} ms   {args.batch / plain:9.0f} images/s"
           "  (baseline)")
     print(f"DP-SGD step       {1000 * private:8.1f} ms   {args.batch / private:9.0f} images/s")
-    print(f"DP / non-private  {private / plain:8.2f}x")
+    print(f"DP / non-private  {private / plain:8.2f}x   (medians of {args.repeats} alternating "
+          f"runs of {args.steps} steps)")
 
 
 if __name__ == "__main__":

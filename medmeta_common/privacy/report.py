@@ -18,7 +18,9 @@ from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS
 
 SENT = [
     ("train reply, every round trained",
-     "the shared encoder's parameters (float32 arrays; covered by the DP guarantee), "
+     "the shared encoder's parameters (float32 arrays; or, with server.update_encoding "
+     "float16/int8, their change since the global encoder in that precision; covered by "
+     "the DP guarantee), "
      "the number of training images, and the scalar metrics "
      + ", ".join(sorted(TRAIN_METRICS - {"train-loss"}))
      + " (train-loss only when DP is off)"),
