@@ -35,3 +35,16 @@ def test_fewshot_quick_mode_measures_every_method_and_resumes(tmp_path: Path) ->
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "already measured" in again.stderr
     assert "trained and evaluated" not in again.stderr
+
+
+@pytest.mark.slow
+def test_update_encoding_quick_mode_halves_and_quarters_the_bytes() -> None:
+    shared_file("brain_tumor_mri/brain_tumor_mri_64.npz")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "update_encoding.py"),
+                             "--quick"], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    ratios = {line.split("|")[1].split()[0]: float(line.split("|")[3].strip().rstrip("x"))
+              for line in result.stdout.splitlines() if line.startswith("| float")
+              or line.startswith("| int8")}
+    assert ratios == {"float32": 1.0, "float16": 0.5, "int8": 0.25}
