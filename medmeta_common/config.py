@@ -364,6 +364,11 @@ class MetaUpdateConfig:
         The step on the pseudo-gradient; ``momentum`` and ``beta2`` are its settings.
     fraction_train, fraction_evaluate : float
         Fractions of connected sites asked to train / evaluate each round.
+    evaluate_every : int
+        Ask sites for few-shot validation accuracy every this many rounds (and after
+        the last one); 1 (default) is every round. On the deployment engine every
+        evaluate message costs each site a process start, so larger values make rounds
+        shorter.
     min_sites : int, optional
         Fewest accepted updates for a meta-update (default 2, or 1 with one site).
     round_timeout : float
@@ -395,6 +400,7 @@ class MetaUpdateConfig:
     beta2: float = 0.99
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    evaluate_every: int = 1
     min_sites: int | None = None
     round_timeout: float = 3600.0
     aggregator: Literal["mean", "trimmed_mean", "median", "multikrum"] = "mean"
@@ -419,6 +425,8 @@ class MetaUpdateConfig:
               expected="a number in (0, 1]", found=self.fraction_train)
         check(0 <= self.fraction_evaluate <= 1, field="fraction_evaluate",
               expected="a number in [0, 1]", found=self.fraction_evaluate)
+        check(self.evaluate_every >= 1, field="evaluate_every", expected="1 or more (rounds)",
+              found=self.evaluate_every)
         check(self.min_sites is None or self.min_sites >= 1, field="min_sites",
               expected="at least 1 (or null: 2, or 1 for a one-site federation)",
               found=self.min_sites)
@@ -539,7 +547,8 @@ class MethodConfig:
 # out of fingerprints while at the default, so that those runs can still be resumed.
 _LATER_SERVER_DEFAULTS = {"aggregator": "mean", "trim_fraction": 0.2, "max_faulty": 1,
                           "max_update_norm": None, "central_dp": None,
-                          "secure_aggregation": None, "update_encoding": "float32"}
+                          "secure_aggregation": None, "update_encoding": "float32",
+                          "evaluate_every": 1}
 
 
 # Site settings added later, likewise left out of fingerprints while at their default.

@@ -123,6 +123,8 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         recorder=RunRecorder(state, config, meta_optimizer),
         fraction_train=config.server.fraction_train,
         fraction_evaluate=config.server.fraction_evaluate,
+        evaluate_every=config.server.evaluate_every,
+        last_round=config.rounds,
     )
     settings = settings_record(config)
     if config.server.secure_aggregation is not None:

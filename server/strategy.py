@@ -79,6 +79,10 @@ class MetaStrategy(FedAvg):
         Told about every round, to write checkpoints and metrics.
     fraction_train, fraction_evaluate : float
         Fractions of connected sites asked to train / evaluate each round.
+    evaluate_every : int
+        Ask for validation accuracy every this many rounds, and in ``last_round``.
+    last_round : int, optional
+        The run's final (global) round.
     query_timeout : float
         Seconds to wait for a new site to say its name.
 
@@ -94,6 +98,8 @@ class MetaStrategy(FedAvg):
         recorder: RoundRecorder,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
+        evaluate_every: int = 1,
+        last_round: int | None = None,
         query_timeout: float = 120.0,
     ) -> None:
         super().__init__(
@@ -111,6 +117,8 @@ class MetaStrategy(FedAvg):
         self.round_offset = round_offset
         self.recorder = recorder
         self.query_timeout = query_timeout
+        self.evaluate_every = evaluate_every
+        self.last_round = last_round
         self.site_names: dict[int, str] = {}
         self._current: dict[str, np.ndarray] | None = None
         self._sites_asked = 0
@@ -160,8 +168,14 @@ class MetaStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Ask a sample of sites for few-shot validation accuracy."""
+        """Ask a sample of sites for few-shot validation accuracy (every k-th round)."""
+        if not self.evaluates(self._global_round(server_round)):
+            return []  # each evaluate message costs every site a process start when deployed
         return super().configure_evaluate(self._global_round(server_round), arrays, config, grid)
+
+    def evaluates(self, round_number: int) -> bool:
+        """Whether sites are asked for validation accuracy after ``round_number``."""
+        return round_number % self.evaluate_every == 0 or round_number == self.last_round
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -247,6 +261,8 @@ class MetaStrategy(FedAvg):
                            ) -> MetricRecord | None:
         """Collect per-site few-shot validation accuracy."""
         round_number = self._global_round(server_round)
+        if not self.evaluates(round_number):
+            return None
         sites: dict[str, dict[str, Any]] = {}
         for reply in replies:
             name = self.site_name(reply.metadata.src_node_id)

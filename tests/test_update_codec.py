@@ -100,7 +100,7 @@ rounds: 2
 image: {{size: 32, channels: 1}}
 train: {{local_steps: 5, batch_size: 32}}
 privacy: {{epsilon: 50.0, noise_multiplier: 1.0}}
-server: {{min_sites: 2, update_encoding: int8}}
+server: {{min_sites: 2, update_encoding: int8, evaluate_every: 2}}
 evaluation: {{ways: 2, shots: 3, queries: 5, episodes: 5}}
 sites:
   - name: brain
@@ -112,6 +112,7 @@ sites:
 
 @pytest.mark.slow
 def test_int8_federation_sends_a_quarter_and_moves_the_encoder(tmp_path) -> None:
+    # Also: with evaluate_every 2, sites are asked for validation accuracy in round 2 only.
     shared_file("brain_tumor_mri/brain_tumor_mri_64.npz")
     path = tmp_path / "lean.yaml"
     path.write_text(CONFIG.format(data=SHARED_DATA))
@@ -126,7 +127,11 @@ def test_int8_federation_sends_a_quarter_and_moves_the_encoder(tmp_path) -> None
         arrays = reply.content.array_records["arrays"]
         dtypes = {a.dtype for k, a in arrays.items() if not k.endswith(SCALE_SUFFIX)}
         assert dtypes == {"int8"}
-    rounds = [r for r in RunState(out).read_metrics() if r["phase"] == "train"]
+    assert sum(r.metadata.message_type == "evaluate" for r in replies) == 2
+    records = RunState(out).read_metrics()
+    assert [r["round"] for r in records if r["phase"] == "evaluate"] == [2]
+    assert (out / "rounds.csv").exists()
+    rounds = [r for r in records if r["phase"] == "train"]
     assert [r["accepted"] for r in rounds] == [2, 2]
     for record in rounds:
         assert record["update_norm"] > 0  # the decoded updates moved the encoder
