@@ -88,10 +88,13 @@ def deployment(rounds: int, cache: bool, evaluate_every: int = 1) -> dict:
             train_seen: list[float] = []
             while time.monotonic() < deadline:
                 lines = metrics.read_text().splitlines() if metrics.exists() else []
-                trained = sum('"phase": "train"' in line for line in lines)
+                try:
+                    seen = [json.loads(line) for line in lines]
+                except ValueError:  # a line still being written
+                    seen = []
+                trained = sum(r["phase"] == "train" for r in seen)
                 train_seen += [time.monotonic()] * (trained - len(train_seen))
-                if trained >= rounds and f'"round": {rounds}, "phase": "evaluate"' in \
-                        "".join(lines):
+                if any(r["phase"] == "evaluate" and r["round"] == rounds for r in seen):
                     break
                 time.sleep(0.2)
         finally:
