@@ -35,6 +35,7 @@ from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 from medmeta_common.protocol import layout_of
 from medmeta_common.update_codec import decode_update, encode_update, payload_bytes
+from medmeta_common.wire import encoder_to_numpy
 from server.aggregation import server_target
 from server.meta_update import MetaOptimizer
 from server.update_checks import screen_update, update_norm
@@ -86,7 +87,7 @@ def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "
     encoder = initial if initial is not None else build_encoder(config.model, config.image,
                                                                 config.seed)
     layout = layout_of(encoder)
-    state = {k: v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
+    state = encoder_to_numpy(encoder)
     meta = MetaOptimizer(config.server, state)
     server = config.server
     noise = np.random.default_rng(secrets.randbits(128))  # central DP: never the run seed
@@ -103,7 +104,7 @@ def run_inprocess(config: FederationConfig, state_root: Path, *, device: str = "
             if outcome.encoder is None:
                 statuses[site.name] = {"status": "refused"}
                 continue
-            sent = {k: v.detach().cpu().numpy() for k, v in outcome.encoder.state_dict().items()}
+            sent = encoder_to_numpy(outcome.encoder)
             if tamper is not None:
                 sent = tamper(site.name, round_number, state, sent)
             sent_bytes = payload_bytes(sent)

@@ -34,6 +34,7 @@ from medmeta_common.wire import (
     arrays_to_numpy,
     arrays_to_state,
     encoder_to_arrays,
+    encoder_to_numpy,
     numpy_to_arrays,
 )
 
@@ -61,10 +62,9 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
         if settings.update_encoding == "float32":
             records[ARRAYS_KEY] = encoder_to_arrays(outcome.encoder)
         else:  # a float16 or int8 delta against the encoder the server sent
-            trained = arrays_to_numpy(encoder_to_arrays(outcome.encoder))
             base = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
-            records[ARRAYS_KEY] = numpy_to_arrays(
-                encode_update(trained, base, settings.update_encoding))
+            records[ARRAYS_KEY] = numpy_to_arrays(encode_update(
+                encoder_to_numpy(outcome.encoder), base, settings.update_encoding))
     return Message(records, reply_to=msg)
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 from medmeta_common.errors import ConfigError
 from medmeta_common.typed_config import build, check, load_yaml_mapping
+from medmeta_common.update_codec import Encoding
 
 SYNTHETIC_PREFIX = "builtin:"
 
@@ -409,7 +410,7 @@ class MetaUpdateConfig:
     max_update_norm: float | None = None
     central_dp: CentralDPConfig | None = None
     secure_aggregation: SecureAggregationConfig | None = None
-    update_encoding: Literal["float32", "float16", "int8"] = "float32"
+    update_encoding: Encoding = "float32"
 
     def __post_init__(self) -> None:
         check(0 <= self.trim_fraction < 0.5, field="trim_fraction",

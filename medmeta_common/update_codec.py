@@ -18,12 +18,12 @@ post-processing and changes no privacy guarantee. This module needs no Flower.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-Encoding = Literal["float32", "float16", "int8"]
-ENCODINGS: tuple[str, ...] = ("float32", "float16", "int8")
+Encoding = Literal["float32", "float16", "int8"]  # also the type of server.update_encoding
+ENCODINGS: tuple[str, ...] = get_args(Encoding)
 SCALE_SUFFIX = ":scale"
 _INT8_LEVELS = 127
 

@@ -16,6 +16,12 @@ def encoder_to_arrays(encoder: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord(state)
 
 
+def encoder_to_numpy(encoder: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The encoder's parameters as float32 NumPy arrays (CPU), without a record."""
+    return {k: v.detach().to("cpu", torch.float32).numpy()
+            for k, v in encoder.state_dict().items()}
+
+
 def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord as a torch state dict (for ``load_state_dict``)."""
     return dict(arrays.to_torch_state_dict())
