@@ -25,6 +25,8 @@ from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
 from tests.recorded_simulation import simulate_recorded
 
+LAYOUT = layout_of(build_encoder(ModelConfig(), ImageConfig(), 0))
+
 
 def _encoder_and_trained(seed: int = 0, step: float = 1e-2
                          ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -41,7 +43,7 @@ def test_lean_updates_are_small_and_decode_close_to_the_trained_encoder(
         encoding: str, most: float) -> None:
     base, trained = _encoder_and_trained()
     sent = encode_update(trained, base, encoding)
-    assert check_update(sent, encoded_layout(layout_of_arrays(base), encoding)) is None
+    assert check_update(sent, encoded_layout(LAYOUT, encoding)) is None
     assert payload_bytes(sent) <= most * payload_bytes(trained)
     decoded = decode_update(sent, base, encoding)
     for name, value in trained.items():
@@ -71,7 +73,7 @@ def test_float32_is_the_encoder_unchanged() -> None:
 
 def test_hostile_lean_updates_are_malformed() -> None:
     base, trained = _encoder_and_trained()
-    layout = encoded_layout(layout_of_arrays(base), "int8")
+    layout = encoded_layout(LAYOUT, "int8")
     sent = encode_update(trained, base, "int8")
     name = next(iter(base))
     assert "infinite" in check_update({**sent, name + SCALE_SUFFIX:
@@ -87,10 +89,6 @@ def test_secure_aggregation_keeps_float32(tmp_path) -> None:
                     "sites:\n  - {name: a, data: {path: 'builtin:demo/site-0'}}\n")
     with pytest.raises(ConfigError, match="update_encoding"):
         load_config(path)
-
-
-def layout_of_arrays(state: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {k: (tuple(v.shape), str(v.dtype)) for k, v in state.items()}
 
 
 CONFIG = """
