@@ -51,7 +51,7 @@ from client.fewshot import evaluate_fewshot
 from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig, load_config
 from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
-from medmeta_common.typed_config import build
+from medmeta_common.config.typed import build
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")

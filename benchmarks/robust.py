@@ -54,7 +54,7 @@ from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
-from medmeta_common.typed_config import build
+from medmeta_common.config.typed import build
 
 log = logging.getLogger("benchmark")
 

@@ -38,7 +38,7 @@ from medmeta_common.errors import CheckpointError, ConfigError
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import encoder_spec
 from medmeta_common.models.heads import CosineClassifier
-from medmeta_common.typed_config import build
+from medmeta_common.config.typed import build
 
 log = logging.getLogger(__name__)
 

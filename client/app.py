@@ -114,7 +114,7 @@ def site_from_node_config(context: Context) -> SiteRuntime:
 
 @functools.lru_cache(maxsize=8)
 def _site_runtime(path: str, mtime: float) -> SiteRuntime:
-    from medmeta_common.deploy_config import load_site_config
+    from medmeta_common.config.deploy import load_site_config
 
     config = load_site_config(path)
     return SiteRuntime(name=config.name, data=config.data, state_dir=Path(config.state_dir),

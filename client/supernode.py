@@ -21,7 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-from medmeta_common.deploy_config import SiteDeployConfig
+from medmeta_common.config.deploy import SiteDeployConfig
 from medmeta_common.errors import DataError, FederationError
 
 log = logging.getLogger("medmeta.site")

@@ -27,7 +27,7 @@ from medmeta_common.config import DataConfig, FewShotConfig
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.data.transforms import harmonise_stack
-from medmeta_common.typed_config import build
+from medmeta_common.config.typed import build
 
 PathLike = str | Path
 

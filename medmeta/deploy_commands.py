@@ -114,7 +114,7 @@ def _warn_insecure(kind: str) -> None:
 
 def run_server_start(args: argparse.Namespace) -> int:
     """Start the SuperLink, register sites, submit the run."""
-    from medmeta_common.deploy_config import load_server_config
+    from medmeta_common.config.deploy import load_server_config
     from server.state import RunState
     from server.superlink import SuperLink
 
@@ -152,7 +152,7 @@ def run_server_start(args: argparse.Namespace) -> int:
 
 def server_status(config_path: Path) -> dict[str, Any]:
     """Rounds done, sites connected, last metrics and epsilon per site."""
-    from medmeta_common.deploy_config import load_server_config
+    from medmeta_common.config.deploy import load_server_config
     from server.state import RunState
     from server.superlink import SuperLink
 
@@ -213,7 +213,7 @@ def run_server_status(args: argparse.Namespace) -> int:
 
 def run_server_stop(args: argparse.Namespace) -> int:
     """Stop the run and the SuperLink."""
-    from medmeta_common.deploy_config import load_server_config
+    from medmeta_common.config.deploy import load_server_config
     from server.superlink import SuperLink
 
     stopped = SuperLink(load_server_config(args.config), args.config).stop()
@@ -224,7 +224,7 @@ def run_server_stop(args: argparse.Namespace) -> int:
 def run_site_check(args: argparse.Namespace) -> int:
     """Check the site's set-up and connection."""
     from client.supernode import preflight
-    from medmeta_common.deploy_config import load_site_config
+    from medmeta_common.config.deploy import load_site_config
 
     config = load_site_config(args.config)
     if config.insecure:
@@ -238,7 +238,7 @@ def run_site_check(args: argparse.Namespace) -> int:
 def run_site_start(args: argparse.Namespace) -> int:
     """Check, then run the SuperNode in the foreground."""
     from client.supernode import preflight, run_supernode
-    from medmeta_common.deploy_config import load_site_config
+    from medmeta_common.config.deploy import load_site_config
 
     config = load_site_config(args.config)
     if config.insecure:

@@ -20,6 +20,7 @@ from client.app import make_client_app
 from client.site import SiteRuntime
 from medmeta_common.checkpoint import atomic_write_json
 from medmeta_common.config import FederationConfig
+from medmeta_common.config.fingerprint import SCHEMA_VERSION
 from medmeta_common.errors import CheckpointError, FederationError
 from server.app import make_server_app
 from server.state import RunState
@@ -58,11 +59,12 @@ def prepare_run_dir(config: FederationConfig, out_dir: Path, *, resume: bool) ->
         raise CheckpointError(f"{out_dir} already holds a run (checkpoints/); use --resume to "
                               "continue it or another --out for a new run")
     if resume:
-        state.check_resumable(config.hash())
+        state.check_resumable(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     from dataclasses import asdict
 
-    atomic_write_json(out_dir / "config.json", {"config_hash": config.hash(), **asdict(config)})
+    atomic_write_json(out_dir / "config.json", {"config_hash": config.hash(),
+                                                "config_schema": SCHEMA_VERSION, **asdict(config)})
 
 
 def warn_about_privacy(config: FederationConfig) -> None:

@@ -11,6 +11,8 @@ from typing import IO, Any
 
 import torch
 
+from medmeta_common.config.fingerprint import SCHEMA_VERSION
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync, then rename."""
@@ -87,6 +89,7 @@ def checkpoint_payload(
         "image": image,
         "model": model,
         "config_hash": config_hash,
+        "config_schema": SCHEMA_VERSION,
         "federation": federation,
         "server_optimizer": server_optimizer or {},
     }

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmeta_common.typed_config import build
+from medmeta_common.config.typed import build
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"

@@ -104,7 +104,7 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
     initial = {k: v.numpy() for k, v in encoder.state_dict().items()}
     offset, optimizer_state = 0, {}
     if resume:
-        latest = state.check_resumable(config.hash())
+        latest = state.check_resumable(config)
         initial = {k: v.numpy() for k, v in latest["encoder"].items()}
         offset, optimizer_state = int(latest["round"]), latest["server_optimizer"]
         state.drop_metrics_after(offset)
@@ -171,7 +171,7 @@ def production_main(grid: Grid, context: Context) -> None:
     A state directory that already holds checkpoints is resumed (same method only), so
     restarting the server after a crash continues where it stopped.
     """
-    from medmeta_common.deploy_config import load_server_config
+    from medmeta_common.config.deploy import load_server_config
 
     path = str(context.run_config.get("server-config", ""))
     if not path:

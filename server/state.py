@@ -11,14 +11,25 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medmeta_common.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint
+from medmeta_common.config.fingerprint import SCHEMA_VERSION
 from medmeta_common.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class Fingerprinted(Protocol):
+    """A configuration with fingerprints (:mod:`medmeta_common.config.fingerprint`)."""
+
+    def hash(self) -> str:
+        """The current schema's fingerprint."""
+
+    def legacy_hash(self) -> str:
+        """The schema-1 fingerprint."""
 
 
 class RunState:
@@ -85,15 +96,25 @@ class RunState:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n"
                                                      for r in kept))
 
-    def check_resumable(self, config_hash: str) -> dict[str, Any]:
-        """The checkpoint to resume from; refuse one made with a different config."""
+    def check_resumable(self, config: Fingerprinted) -> dict[str, Any]:
+        """The checkpoint to resume from; refuse one made with a different config.
+
+        A checkpoint names the fingerprint schema it was made with (none: schema 1,
+        medmeta 0.1), and ``config`` is fingerprinted the same way.
+        """
         latest = self.latest()
         if latest is None:
             raise CheckpointError(f"{self.out_dir}: nothing to resume (no checkpoints); run "
                                   "without --resume to start")
-        if latest["config_hash"] != config_hash:
+        schema = latest.get("config_schema", 1)
+        expected = config.hash() if schema == SCHEMA_VERSION else \
+            config.legacy_hash() if schema == 1 else None
+        if expected is None:
+            raise CheckpointError(f"{self.out_dir}: the checkpoint's config schema {schema} is "
+                                  f"newer than this medmeta's ({SCHEMA_VERSION}); upgrade medmeta")
+        if latest["config_hash"] != expected:
             raise CheckpointError(
                 f"{self.out_dir}: the checkpoint was made with another configuration "
-                f"(hash {latest['config_hash']}, now {config_hash}); resume with the same "
+                f"(hash {latest['config_hash']}, now {expected}); resume with the same "
                 "config (only --rounds may change) or use a new --out")
         return latest

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medmeta_common.checkpoint import atomic_write_json, atomic_write_text
-from medmeta_common.deploy_config import ServerConfig
+from medmeta_common.config.deploy import ServerConfig
 from medmeta_common.errors import FederationError
 from medmeta_common.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 

@@ -271,13 +271,3 @@ def test_robust_settings_are_accepted(tmp_path: Path) -> None:
     server = load_config(write(tmp_path, text)).server
     assert (server.aggregator, server.max_faulty, server.max_update_norm) == \
         ("multikrum", 1, 3.5)
-
-
-def test_runs_made_before_these_settings_can_still_be_resumed(tmp_path: Path) -> None:
-    one_site = "sites:\n  - name: a\n    data: {path: builtin:demo/site-0}\n"
-    path = tmp_path / "federation.yaml"
-    path.write_text("name: pinned\n" + one_site)
-    # The hash this config had at commit 39832b6, before the aggregator settings.
-    assert load_config(path).hash() == "afb5402931d96a79"
-    path.write_text("name: pinned\nserver: {aggregator: median}\n" + one_site)
-    assert load_config(path).hash() != "afb5402931d96a79"

@@ -9,7 +9,7 @@ import pytest
 
 from medmeta_common.config import CentralDPConfig, MetaUpdateConfig
 from medmeta_common.errors import ConfigError
-from medmeta_common.typed_config import build
+from medmeta_common.config.typed import build
 from server.aggregation import server_target
 from server.central_dp import central_epsilon, clip_update, noisy_mean_update
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medmeta_common.config import load_config
-from medmeta_common.deploy_config import load_any_config
+from medmeta_common.config.deploy import load_any_config
 from medmeta_common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from medmeta.cli import build_parser
-from medmeta_common.deploy_config import ServerConfig, SiteDeployConfig, load_any_config
+from medmeta_common.config.deploy import ServerConfig, SiteDeployConfig, load_any_config
 from tests.conftest import ROOT, SHARED_DATA
 
 DEPLOY = ROOT / "deploy"

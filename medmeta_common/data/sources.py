@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from medmeta_common.config import SYNTHETIC_PREFIX, DataConfig, ImageConfig
+from medmeta_common.config.tasks import frames_for
 from medmeta_common.data.folders import class_folders, read_class_folders
 from medmeta_common.data.issues import IssueLog
 from medmeta_common.data.manifest import read_manifest_folder
@@ -85,13 +86,14 @@ def _decode(data: DataConfig, issues: IssueLog) -> RawSite:
             raise DataError(data.path, "unknown built-in data; use builtin:demo/site-0 ... site-3")
         return demo_site(name.removeprefix("demo/"), seed=data.split_seed)
     path = Path(data.path)
+    frames = frames_for("classification", data)
     fmt = detect_format(path, data.manifest)
     if fmt == "npz":
         return read_npz(path, split=data.split, group_key=data.group_key)
     if fmt == "manifest":
         return read_manifest_folder(path, manifest=data.manifest, split=data.split,
-                                    classes=data.classes, frames=data.frames, issues=issues)
-    return read_class_folders(path, classes=data.classes, frames=data.frames, issues=issues)
+                                    classes=data.classes, frames=frames, issues=issues)
+    return read_class_folders(path, classes=data.classes, frames=frames, issues=issues)
 
 
 def _select_split(site: RawSite, data: DataConfig) -> RawSite:

@@ -14,18 +14,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from medmeta_common.config import (
-    DataConfig,
+from medmeta_common.config.data import DataConfig, resolve_path, with_resolved_path
+from medmeta_common.config.federation import (
     FederationConfig,
     MethodConfig,
-    PrivacyConfig,
     RuntimeConfig,
     load_config,
-    resolve_path,
-    with_resolved_path,
 )
+from medmeta_common.config.privacy import PrivacyConfig
+from medmeta_common.config.tasks import DEFAULT_TILE, TaskName, check_task_fields
+from medmeta_common.config.typed import build, check, load_yaml_mapping
 from medmeta_common.errors import ConfigError
-from medmeta_common.typed_config import build, check, load_yaml_mapping
 
 
 @dataclass(frozen=True)
@@ -81,15 +80,6 @@ class ServerConfig(MethodConfig):
         check(len(set(names)) == len(names), field="sites", expected="distinct site names",
               found=names)
 
-    @property
-    def min_sites(self) -> int:
-        """Fewest accepted updates per round (default 2)."""
-        return self.server.min_sites or 2
-
-    def hash(self) -> str:
-        """Fingerprint of the method (a restarted server resumes only the same method)."""
-        return self.method_hash()
-
 
 @dataclass(frozen=True)
 class SiteDeployConfig:
@@ -108,17 +98,15 @@ class SiteDeployConfig:
     insecure: bool = False
     port: int = 9094
     cache_data: bool = True
-    task: Literal["classification", "segmentation"] = "classification"
-    tile: int = 128
+    task: TaskName = "classification"
+    tile: int = DEFAULT_TILE
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, field="name",
               expected="a site name without '/'", found=self.name)
         check(":" in self.superlink, field="superlink", expected="HOST:PORT",
               found=self.superlink)
-        check(self.task != "segmentation" or self.privacy.unit == "image",
-              field="privacy.unit", expected="'image' at a segmentation site (the patient unit "
-              "is not implemented for segmentation yet)", found=self.privacy.unit)
+        check_task_fields(self.task, self.data, self.tile)
         check(self.insecure or self.root_certificate is not None, field="root_certificate",
               expected="the consortium CA certificate (ca.crt), or insecure: true", found=None)
         check(self.insecure or self.private_key is not None, field="private_key",
