@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.federation import run_centralized, run_inprocess
 from client.fewshot import evaluate_fewshot
 from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig, load_config
+from medmeta_common.config.typed import build
 from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
-from medmeta_common.config.typed import build
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")

@@ -51,10 +51,10 @@ from benchmarks.attacks import ATTACKS, tamper_with
 from benchmarks.federation import run_inprocess
 from client.fewshot import FewShotResult, evaluate_fewshot
 from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig
+from medmeta_common.config.typed import build
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
-from medmeta_common.config.typed import build
 
 log = logging.getLogger("benchmark")
 

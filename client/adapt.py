@@ -32,13 +32,13 @@ from medmeta_common.checkpoint import (
     torch_load,
 )
 from medmeta_common.config import DataConfig, FewShotConfig, ImageConfig, ModelConfig
+from medmeta_common.config.typed import build
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.errors import CheckpointError, ConfigError
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import encoder_spec
 from medmeta_common.models.heads import CosineClassifier
-from medmeta_common.config.typed import build
 
 log = logging.getLogger(__name__)
 

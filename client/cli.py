@@ -121,8 +121,8 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
 
     from client.audit import audit_mechanism
     from medmeta_common.config import DataConfig
-    from medmeta_common.data.sources import load_site
     from medmeta_common.config.deploy import load_any_config
+    from medmeta_common.data.sources import load_site
     from medmeta_common.errors import ConfigError, PrivacyAuditError
 
     config = load_any_config(args.config)
@@ -212,9 +212,9 @@ def run_adapt(args: argparse.Namespace) -> int:
     """Evaluate few-shot adaptation and optionally save the adapted classifier."""
     from client.adapt import adapt, evaluate_site, load_meta_model, save_adapted
     from medmeta_common.config import DataConfig, FewShotConfig
+    from medmeta_common.config.typed import build
     from medmeta_common.data.sources import load_site
     from medmeta_common.errors import ConfigError
-    from medmeta_common.config.typed import build
 
     if args.task == "segmentation":
         return run_adapt_segmentation(args)

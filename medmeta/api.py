@@ -24,10 +24,10 @@ from client.adapt import AdaptedModel, MetaModel, adapt, load_adapted, load_meta
 from client.fewshot import FewShotResult, evaluate_fewshot
 from client.predict import Prediction, input_files, predict
 from medmeta_common.config import DataConfig, FewShotConfig
+from medmeta_common.config.typed import build
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.data.transforms import harmonise_stack
-from medmeta_common.config.typed import build
 
 PathLike = str | Path
 

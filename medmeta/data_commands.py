@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from medmeta_common.config import DataConfig
+from medmeta_common.config.deploy import load_any_config
 from medmeta_common.data.inspect import format_report, inspection_report
 from medmeta_common.data.sources import read_raw
-from medmeta_common.config.deploy import load_any_config
 
 
 def register(commands: argparse._SubParsersAction) -> None:

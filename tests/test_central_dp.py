@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from medmeta_common.config import CentralDPConfig, MetaUpdateConfig
-from medmeta_common.errors import ConfigError
 from medmeta_common.config.typed import build
+from medmeta_common.errors import ConfigError
 from server.aggregation import server_target
 from server.central_dp import central_epsilon, clip_update, noisy_mean_update
 
