@@ -1,6 +1,6 @@
 """The site client: a Flower ClientApp with ``train``, ``evaluate`` and ``query`` handlers.
 
-The work of a round is in :mod:`client.rounds`; this module turns Flower messages into
+The work of a round is in :mod:`client.round`; this module turns Flower messages into
 calls to it and its results into replies.
 
 What a site sends back, and nothing else:
@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.rounds import RoundSettings, evaluate_round, read_settings, train_round
+from client.round import RoundSettings, evaluate_round, read_settings, train_round
 from client.secure import secure_aggregation_mod
 from client.site import SiteRuntime
 from medmeta_common.models.encoder import Encoder

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+from dataclasses import replace
 from pathlib import Path
+
+from medmeta_common.config.tasks import TASKS
 
 log = logging.getLogger("medmeta")
 
@@ -27,7 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help=".npz, DICOM folder with manifest.csv, or class sub-folders")
     adapt.add_argument("--split", choices=("train", "val", "test"), default=None,
                        help="use only this split of the data (default: all of it)")
-    adapt.add_argument("--task", choices=("classification", "segmentation"),
+    adapt.add_argument("--task", choices=TASKS,
                        default="classification",
                        help="segmentation: --data is a folder of image/mask pairs or volumes "
                        "(docs/data.md); a decoder is adapted and Dice reported")
@@ -90,10 +92,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="the site's data (default: the first site of a federation config)")
     audit.add_argument("--epsilon", type=float, default=None,
                        help="claimed epsilon (default: the config's privacy.epsilon)")
-    audit.add_argument("--steps", type=int, default=None,
+    audit.add_argument("--steps", type=int, default=300,
                        help="DP-SGD steps; the noise is calibrated so that they spend exactly "
-                       "the claimed epsilon (default: rounds x local_steps, at least "
-                       "300 so that the non-private control can memorise canaries)")
+                       "the claimed epsilon (default: 300, enough for the non-private "
+                       "control to memorise canaries)")
     audit.add_argument("--records", type=int, default=None,
                        help="audit on a random subset of this many of the site's images")
     audit.add_argument("--batch-size", type=int, default=None,
@@ -115,15 +117,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run_privacy_audit(args: argparse.Namespace) -> int:
     """Audit the method's DP-SGD on a site's data; fail loudly if the claim is contradicted."""
-    from dataclasses import replace
-
     import numpy as np
 
-    from client.audit import audit_mechanism
+    from client.audit import classification_mechanism
     from medmeta_common.config import DataConfig
     from medmeta_common.config.deploy import load_any_config
     from medmeta_common.data.sources import load_site
     from medmeta_common.errors import ConfigError, PrivacyAuditError
+    from medmeta_common.privacy.canary_audit import audit_mechanism
 
     config = load_any_config(args.config)
     if getattr(config, "kind", "") == "site":
@@ -132,26 +133,25 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
     if args.data is not None:
         data = DataConfig(path=args.data, split=None)
     elif getattr(config, "sites", None):
-        data = config.sites[0].data
+        data = config.sites[0].data  # type: ignore[union-attr]
     else:
         raise ConfigError(source="--data", field="data", expected="the site's data path",
                           found="nothing (a server config names no site data)")
     privacy = getattr(config, "privacy", None)
     epsilon = args.epsilon or (privacy.epsilon if privacy else 8.0)
     max_grad_norm = privacy.max_grad_norm if privacy else 1.0
-    steps = args.steps or max(config.rounds * config.train.local_steps, 300)
-    site = load_site(data, config.image)
+    site = load_site(data, config.image)  # type: ignore[union-attr]
     if args.records is not None and args.records < len(site.labels):
         site = site.subset(np.random.default_rng(args.seed).permutation(
             len(site.labels))[:args.records])
-    train = config.train
+    train = config.train  # type: ignore[union-attr]
     if args.batch_size is not None:
         train = replace(train, batch_size=args.batch_size)
     log.info("auditing %d DP-SGD steps at epsilon %g on %s (%d images) with %d canaries",
-             steps, epsilon, data.path, len(site.labels), args.canaries)
-    outcome = audit_mechanism(site, image=config.image, model=config.model,
-                              train=train, epsilon=epsilon, steps=steps,
-                              max_grad_norm=max_grad_norm, canaries=args.canaries,
+             args.steps, epsilon, data.path, len(site.labels), args.canaries)
+    mechanism = classification_mechanism(config.image, config.model, train,  # type: ignore[union-attr]
+                                         steps=args.steps, max_grad_norm=max_grad_norm)
+    outcome = audit_mechanism(site, mechanism, epsilon=epsilon, canaries=args.canaries,
                               guesses_per_side=args.guesses, control=not args.no_control,
                               seed=args.seed, noise_multiplier_used=args.noise_multiplier)
     problem = outcome.problem(args.min_control_epsilon)
@@ -176,102 +176,36 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_adapt_segmentation(args: argparse.Namespace) -> int:
-    """Few-shot Dice at a segmentation site; optionally save a segmenter for `predict`."""
-    from client.adapt import load_meta_model
-    from client.adapt_segmentation import adapt_segmentation, save_segmenter
-    from client.segmentation import evaluate_fewshot_segmentation
-    from medmeta_common.data.segmentation import load_segmentation
-    from medmeta_common.errors import ConfigError
-
-    if args.shots < 1:
-        raise ConfigError(source="--shots", field="shots", expected="at least 1",
-                          found=str(args.shots))
-    meta = load_meta_model(args.checkpoint)
-    data = load_segmentation(args.data, meta.image, tile=args.tile)
-    steps = 100 if args.finetune_steps is None else args.finetune_steps
-    finetune = "all" if args.finetune == "all" else "decoder"
-    result = evaluate_fewshot_segmentation(
-        meta.encoder, data, shots=args.shots, queries=args.queries,
-        episodes=args.episodes or 20, steps=steps, finetune=finetune, seed=args.seed)
-    if args.save is not None:
-        adapted = adapt_segmentation(meta, data, steps=max(steps, 200), finetune=finetune,
-                                     tile=args.tile, seed=args.seed)
-        log.info("adapted segmenter written to %s", save_segmenter(adapted, args.save))
-    if args.json:
-        print(json.dumps({"dice_mean": result.dice_mean, "dice_ci95": result.dice_ci95,
-                          "shots": result.shots, "episodes": result.episodes}))
-    else:
-        print(f"{result.shots}-shot Dice: {result.dice_mean:.3f} ± {result.dice_ci95:.3f} "
-              f"(95% interval over {result.episodes} episodes; meta-model of round "
-              f"{meta.round})")
-    return 0
-
-
 def run_adapt(args: argparse.Namespace) -> int:
-    """Evaluate few-shot adaptation and optionally save the adapted classifier."""
-    from client.adapt import adapt, evaluate_site, load_meta_model, save_adapted
-    from medmeta_common.config import DataConfig, FewShotConfig
-    from medmeta_common.config.typed import build
-    from medmeta_common.data.sources import load_site
-    from medmeta_common.errors import ConfigError
+    """Evaluate few-shot adaptation at this site and optionally save the adapted model."""
+    from client.tasks import get_task
+    from client.tasks.base import AdaptRequest
+    from medmeta_common.config import DataConfig
 
-    if args.task == "segmentation":
-        return run_adapt_segmentation(args)
-    if args.ways is None:
-        raise ConfigError(source="--ways", field="ways", expected="the number of classes per "
-                          "episode (required for classification)", found="nothing")
-    args.finetune_steps = args.finetune_steps or 0
-    fewshot = build(FewShotConfig, {"ways": args.ways, "shots": args.shots,
-                                    "queries": args.queries, "episodes": args.episodes or 200,
-                                    "finetune_steps": args.finetune_steps}, source="command line")
     data_path = args.data if args.data.startswith("builtin:") else str(Path(args.data).resolve())
-    data = DataConfig(path=data_path, split=args.split, policy=args.policy)
-    meta = load_meta_model(args.checkpoint)
-    result = evaluate_site(meta, data, fewshot, seed=args.seed, finetune=args.finetune)
-    if args.save is not None:
-        adapted = adapt(meta, load_site(data, meta.image), finetune_steps=args.finetune_steps,
-                        finetune=args.finetune)
-        path = save_adapted(adapted, args.save)
-        log.info("adapted model for classes %s written to %s", list(adapted.classes), path)
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        print(f"{result.ways}-way {result.shots}-shot accuracy: "
-              f"{100 * result.accuracy_mean:.1f}% ± {100 * result.accuracy_ci95:.1f} "
-              f"(95% interval over {result.episodes} episodes; meta-model of round {meta.round})")
+    request = AdaptRequest(
+        checkpoint=args.checkpoint, data=DataConfig(path=data_path, split=args.split,
+                                                    policy=args.policy),
+        shots=args.shots, ways=args.ways, queries=args.queries, episodes=args.episodes,
+        finetune_steps=args.finetune_steps, finetune=args.finetune, tile=args.tile,
+        seed=args.seed, save=args.save)
+    report, summary = get_task(args.task).adapt(request)
+    print(json.dumps(report) if args.json else summary)
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Write predictions as CSV (classification) or masks + masks.csv (segmentation)."""
-    from client.adapt import load_adapted
-    from client.adapt_segmentation import is_segmenter, load_segmenter, predict_masks
-    from client.predict import input_files, predict, predictions_csv, write_predictions
-    from medmeta_common.errors import ConfigError
+    """Predict with a saved model of any task (the task is read from the model)."""
+    from client.tasks import get_task, task_names
+    from medmeta_common.errors import CheckpointError
 
-    files = input_files(args.input)
-    root = args.input if args.input.is_dir() else args.input.parent
-    if is_segmenter(args.model):
-        if args.out is None:
-            raise ConfigError(source="--out", field="out", expected="a folder for the masks "
-                              "(a segmentation model writes mask files and masks.csv)",
-                              found="nothing")
-        results = predict_masks(load_segmenter(args.model), files, args.out, root=root)
-        failed = sum(bool(r.error) for r in results)
-        log.info("%d mask(s) written to %s, %d file(s) could not be read; summary: %s",
-                 len(results) - failed, args.out, failed, args.out / "masks.csv")
-        return 0
-    model = load_adapted(args.model)
-    predictions = predict(model, files, root=root)
-    if args.out is None:
-        sys.stdout.write(predictions_csv(predictions, model.classes))
-    else:
-        write_predictions(predictions, model.classes, args.out)
-    failed = sum(p.error is not None for p in predictions)
-    log.info("%d file(s) predicted, %d could not be read%s", len(predictions) - failed, failed,
-             f"; written to {args.out}" if args.out else "")
-    return 0
+    for name in task_names():
+        task = get_task(name)
+        if task.owns_model(args.model):
+            task.predict(args.model, args.input, args.out)
+            return 0
+    raise CheckpointError(f"{args.model}: no adapted model (create one with `medmeta adapt "
+                          "... --save DIR`)")
 
 
 def run_privacy_report(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """A site's local settings and data: who it is, where its images and state live.
 
-These never leave the site. The data is read and harmonised once per process and
-kept in memory (a simulation actor serves many rounds of the same site).
+These never leave the site. The data is read and harmonised once per process through
+the site's task (and kept on disk in the state directory's cache), then split into
+training and validation patients.
 """
 
 from __future__ import annotations
@@ -10,21 +11,16 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from medmeta_common.checkpoint import atomic_torch_save, torch_load
+from client.tasks import get_task
+from client.tasks.base import Task, TaskData
 from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
+from medmeta_common.config.tasks import DEFAULT_TILE
 from medmeta_common.data.cache import cache_key, load_cached, store
-from medmeta_common.data.records import SiteData
-from medmeta_common.data.sources import load_site
 from medmeta_common.data.splits import train_val_split
-from medmeta_common.models.heads import CosineClassifier
 
 log = logging.getLogger(__name__)
-
-HEAD_FILE = "head.pt"
-ROTATION_FILE = "rotation_head.pt"
 
 
 @dataclass(frozen=True)
@@ -41,15 +37,15 @@ class SiteRuntime:
     threads: int = 1
     cache_data: bool = True
     task: str = "classification"
-    tile: int = 128
+    tile: int = DEFAULT_TILE
 
 
 @dataclass(frozen=True)
 class SiteSplits:
     """The site's training records and its patient-disjoint validation records."""
 
-    train: SiteData
-    val: SiteData
+    train: Any
+    val: Any
 
 
 _SPLITS: dict[tuple, SiteSplits] = {}
@@ -57,26 +53,32 @@ _SPLITS: dict[tuple, SiteSplits] = {}
 
 def site_splits(site: SiteRuntime, image: ImageConfig, seed: int) -> SiteSplits:
     """Load (once per process) and split the site's data by patient/group."""
-    key = (site.name, site.data, image, site.val_fraction, seed)
+    key = (site.name, site.data, image, site.val_fraction, seed, site.task, site.tile)
     if key not in _SPLITS:
-        data = _load_with_cache(site, image)
-        splits = SiteSplits(*train_val_split(data, data.groups, site.val_fraction, seed))
-        log.info("site %s: %d training and %d validation images, %d classes", site.name,
-                 len(splits.train), len(splits.val), len(data.classes))
+        task = get_task(site.task)
+        data = load_site_data(site, image, task)
+        groups = task.validation_groups(site.name, data)
+        splits = SiteSplits(*train_val_split(data, groups, site.val_fraction, seed))
+        log.info("site %s: %d training and %d validation %s", site.name, len(splits.train),
+                 len(splits.val), task.rows)
         _SPLITS[key] = splits
     return _SPLITS[key]
 
 
-def _load_with_cache(site: SiteRuntime, image: ImageConfig) -> SiteData:
+def load_site_data(site: SiteRuntime, image: ImageConfig, task: Task) -> TaskData:
     """Harmonised site data, from the state directory's cache when the source is unchanged."""
     if not site.cache_data:
-        return load_site(site.data, image)
+        return task.read(site.data, image, tile=site.tile)
     folder = site.state_dir / "data_cache"
-    key = cache_key(site.data, image)
-    data = load_cached(folder, key)
-    if data is None:
-        data = load_site(site.data, image)
-        store(folder, key, data)
+    key = cache_key(site.data, image, task.name, site.tile)
+    cached = load_cached(folder, key)
+    if cached is not None:
+        try:
+            return task.from_arrays(cached)
+        except (KeyError, ValueError) as exc:
+            log.warning("site %s: ignoring a data cache of another layout (%s)", site.name, exc)
+    data = task.read(site.data, image, tile=site.tile)
+    store(folder, key, data.to_arrays())
     return data
 
 
@@ -84,49 +86,3 @@ def site_seed(name: str, seed: int) -> int:
     """A per-site seed, stable across processes (Python's hash() is not)."""
     digest = hashlib.sha256(f"{name}:{seed}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def load_head(site: SiteRuntime, classes: tuple[str, ...], dim: int, scale: float,
-              seed: int) -> CosineClassifier:
-    """The site's persistent cosine head, or a fresh data-independent one."""
-    path = site.state_dir / HEAD_FILE
-    head = CosineClassifier(dim, len(classes), scale)
-    if path.exists():
-        saved = torch_load(path)
-        shape = tuple(saved["weight"].shape)
-        if tuple(saved["classes"]) == classes and shape == (len(classes), dim):
-            head.weight.data.copy_(saved["weight"])
-            return head
-        log.warning("site %s: saved head does not match the class list or encoder; starting a "
-                    "new head", site.name)
-    generator = torch.Generator().manual_seed(site_seed(site.name, seed))
-    head.weight.data.copy_(torch.randn(len(classes), dim, generator=generator) * 0.1)
-    return head
-
-
-def save_head(site: SiteRuntime, head: CosineClassifier, classes: tuple[str, ...]) -> None:
-    """Persist the site's head (it never leaves the site)."""
-    atomic_torch_save(site.state_dir / HEAD_FILE,
-                      {"classes": list(classes), "weight": head.weight.detach().cpu()})
-
-
-def load_rotation_head(site: SiteRuntime, dim: int, seed: int) -> torch.nn.Linear:
-    """The site's persistent 4-way rotation head, or a fresh data-independent one."""
-    path = site.state_dir / ROTATION_FILE
-    head = torch.nn.Linear(dim, 4)
-    if path.exists():
-        saved = torch_load(path)
-        if tuple(saved["weight"].shape) == (4, dim):
-            head.load_state_dict(saved)
-            return head
-    generator = torch.Generator().manual_seed(site_seed(site.name, seed) + 1)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(4, dim, generator=generator) * 0.01)
-        head.bias.zero_()
-    return head
-
-
-def save_rotation_head(site: SiteRuntime, head: torch.nn.Linear) -> None:
-    """Persist the site's rotation head (it never leaves the site)."""
-    atomic_torch_save(site.state_dir / ROTATION_FILE,
-                      {k: v.detach().cpu() for k, v in head.state_dict().items()})

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.adapt import AdaptedModel, MetaModel, adapt, load_adapted, load_meta_model, save_adapted
 from client.fewshot import FewShotResult, evaluate_fewshot
-from client.predict import Prediction, input_files, predict
+from client.meta_model import MetaModel, load_meta_model
+from client.tasks.classification_adapt import AdaptedModel, adapt, load_adapted, save_adapted
+from client.tasks.classification_predict import Prediction, predict
 from medmeta_common.config import DataConfig, FewShotConfig
 from medmeta_common.config.typed import build
+from medmeta_common.data.images import input_files
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.data.transforms import harmonise_stack

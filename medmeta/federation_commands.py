@@ -39,8 +39,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Run the federation, adapt the held-out site, write the report."""
     import torch
 
-    from client.adapt import load_meta_model
     from client.fewshot import evaluate_fewshot
+    from client.meta_model import load_meta_model
     from medmeta.report import write_report
     from medmeta.simulate import run_simulation, with_rounds
     from medmeta_common.data.sources import load_site

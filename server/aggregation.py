@@ -28,7 +28,7 @@ import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from medmeta_common.config import MetaUpdateConfig
-from server.central_dp import noisy_mean_update
+from medmeta_common.privacy.central_dp import noisy_mean_update
 
 State = Mapping[str, np.ndarray]
 

@@ -40,7 +40,7 @@ from medmeta_common.protocol import (
 from medmeta_common.update_codec import decode_update, encoded_layout, payload_bytes
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 from server.aggregation import server_target
-from server.central_dp import central_epsilon
+from medmeta_common.privacy.central_dp import central_epsilon
 from server.meta_update import MetaOptimizer
 from server.update_checks import screen_update, update_norm
 
@@ -184,7 +184,9 @@ class MetaStrategy(FedAvg):
         assert self._current is not None, "configure_train runs before aggregate_train"
         accepted: list[tuple[str, dict[str, np.ndarray], float]] = []
         sites: dict[str, dict[str, Any]] = {}
-        for reply in replies:
+        # In site-name order: the aggregate's floating-point sums then do not depend on
+        # which site answered first.
+        for reply in sorted(replies, key=lambda r: self.site_name(r.metadata.src_node_id)):
             name = self.site_name(reply.metadata.src_node_id)
             verdict, metrics, arrays = self._judge_train_reply(reply)
             sites[name] = {"status": verdict, **metrics}

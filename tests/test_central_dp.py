@@ -11,7 +11,7 @@ from medmeta_common.config import CentralDPConfig, MetaUpdateConfig
 from medmeta_common.config.typed import build
 from medmeta_common.errors import ConfigError
 from server.aggregation import server_target
-from server.central_dp import central_epsilon, clip_update, noisy_mean_update
+from medmeta_common.privacy.central_dp import central_epsilon, clip_update, noisy_mean_update
 
 
 def state(value: float, size: int = 1000) -> dict[str, np.ndarray]:

@@ -125,7 +125,7 @@ class MetaUpdateConfig:
         Reject a site's update whose L2 norm ``|theta_i - theta|`` exceeds this;
         ``null`` (default) turns the bound off.
     central_dp : CentralDPConfig, optional
-        Site-level DP at the server (:mod:`server.central_dp`).
+        Site-level DP at the server (:mod:`medmeta_common.privacy.central_dp`).
     secure_aggregation : SecureAggregationConfig, optional
         SecAgg+: the server sees only the sum of the updates (:mod:`server.secure`).
     update_encoding : {"float32", "float16", "int8"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medmeta_common.data.images import FramePolicy, looks_like_image, read_image_file
 from medmeta_common.data.issues import IssueLog
-from medmeta_common.data.records import RawRecord, RawSite
+from medmeta_common.data.records import RawSite, frame_records
 from medmeta_common.errors import DataError
 
 
@@ -57,11 +57,10 @@ def read_class_folders(
             except DataError as exc:
                 issues.report_error(exc)
                 continue
-            group = decoded.patient_id or rel
             groups_from_dicom |= decoded.patient_id is not None
-            for k, frame in enumerate(decoded.frames):
-                ref = rel if len(decoded.frames) == 1 else f"{rel}#frame{k}"
-                site.records.append(RawRecord(frame, label, group, ref, decoded.modality))
+            site.records += frame_records(decoded.frames, rel=rel, label=label,
+                                          group=decoded.patient_id or rel,
+                                          modality=decoded.modality)
     site.groups_known = groups_from_dicom
     return site
 

@@ -74,6 +74,16 @@ def looks_like_image(path: Path) -> bool:
     return path.suffix == "" and path.is_file() and is_dicom_file(path)
 
 
+def input_files(path: Path) -> list[Path]:
+    """``path`` itself, or every image file below a folder (sorted)."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and looks_like_image(p))
+    raise DataError(str(path), "no such file or folder")
+
+
 def read_image_file(
     path: Path, *, frames: FramePolicy = "middle", display_name: str | None = None
 ) -> DecodedFile:

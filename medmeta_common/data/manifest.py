@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from medmeta_common.data.images import FramePolicy, read_image_file
 from medmeta_common.data.issues import IssueLog
-from medmeta_common.data.records import SPLITS, RawRecord, RawSite
+from medmeta_common.data.records import SPLITS, RawSite, frame_records
 from medmeta_common.errors import DataError
 
 REQUIRED_COLUMNS = ("file", "label", "patient_id")
@@ -52,7 +52,7 @@ def read_manifest_folder(
         if not row["patient_id"]:
             issues.report(rel, f"{where}: empty patient_id (needed to split by patient)")
             continue
-        path = _inside(root, rel)
+        path = inside(root, rel)
         if path is None:
             issues.report(rel, f"{where}: path leaves the site folder; give it relative to "
                           f"{root}")
@@ -62,12 +62,9 @@ def read_manifest_folder(
         except DataError as exc:
             issues.report_error(exc)
             continue
-        label = known.index(row["label"])
-        for k, frame in enumerate(decoded.frames):
-            ref = rel if len(decoded.frames) == 1 else f"{rel}#frame{k}"
-            site.records.append(
-                RawRecord(frame, label, row["patient_id"], ref, decoded.modality, record_split)
-            )
+        site.records += frame_records(decoded.frames, rel=rel, label=known.index(row["label"]),
+                                      group=row["patient_id"], modality=decoded.modality,
+                                      split=record_split)
     return site
 
 
@@ -95,7 +92,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     return rows
 
 
-def _inside(root: Path, rel: str) -> Path | None:
+def inside(root: Path, rel: str) -> Path | None:
     """``root / rel`` if it stays inside ``root``, else ``None``."""
     pure = PurePosixPath(rel.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts:

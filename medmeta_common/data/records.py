@@ -37,6 +37,11 @@ class RawRecord:
         DICOM modality code (``MR``, ``CT``...), or a generic kind (``image``, ``array``).
     split : str | None
         The split the source assigned, if any.
+    source : str
+        The image this record was cut from (a volume's slices and a large image's
+        tiles share it); empty: the record is a whole image of its own.
+    mask : np.ndarray | None
+        Segmentation: the record's ``(H, W)`` 0/1 mask (``label`` is then 0).
 
     """
 
@@ -46,6 +51,15 @@ class RawRecord:
     ref: str
     modality: str = "image"
     split: str | None = None
+    source: str = ""
+    mask: np.ndarray | None = None
+
+
+def frame_records(frames: np.ndarray, *, rel: str, label: int, group: str, modality: str,
+                  split: str | None = None) -> list[RawRecord]:
+    """One record per frame of a decoded file (``rel#frameK`` when it has several)."""
+    return [RawRecord(frame, label, group, rel if len(frames) == 1 else f"{rel}#frame{k}",
+                      modality, split) for k, frame in enumerate(frames)]
 
 
 @dataclass
@@ -78,6 +92,9 @@ class SiteData:
         Source reference of each record (for error reports and predictions).
     issues : tuple[LoadIssue, ...]
         Files that were skipped, with reasons (lenient policy).
+    groups_known : bool
+        Whether ``groups`` come from the source (patient ids); otherwise every record
+        is its own group, and a patient-level privacy unit cannot be honoured.
 
     """
 
@@ -87,6 +104,7 @@ class SiteData:
     groups: np.ndarray
     refs: tuple[str, ...]
     issues: tuple[LoadIssue, ...] = ()
+    groups_known: bool = True
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -101,9 +119,35 @@ class SiteData:
             groups=self.groups[index],
             refs=tuple(self.refs[i] for i in index),
             issues=self.issues,
+            groups_known=self.groups_known,
         )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for the site's data cache), read back by :meth:`from_arrays`."""
+        return {"images": self.images, "labels": self.labels,
+                "classes": np.array(self.classes, dtype=str), "groups": self.groups,
+                "refs": np.array(self.refs, dtype=str), "issues": issues_array(self.issues),
+                "groups_known": np.array(self.groups_known)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SiteData:
+        """The data written by :meth:`to_arrays`."""
+        return cls(images=arrays["images"], labels=arrays["labels"],
+                   classes=tuple(arrays["classes"].tolist()), groups=arrays["groups"],
+                   refs=tuple(arrays["refs"].tolist()), issues=issues_of(arrays["issues"]),
+                   groups_known=bool(arrays["groups_known"]))
 
     def class_counts(self) -> dict[str, int]:
         """Number of records per class name (classes with none included)."""
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {name: int(c) for name, c in zip(self.classes, counts, strict=True)}
+
+
+def issues_array(issues: tuple[LoadIssue, ...]) -> np.ndarray:
+    """Load issues as an ``(n, 2)`` string array (file, reason)."""
+    return np.array([[i.file, i.reason] for i in issues], dtype=str).reshape(-1, 2)
+
+
+def issues_of(array: np.ndarray) -> tuple[LoadIssue, ...]:
+    """The load issues of :func:`issues_array`."""
+    return tuple(LoadIssue(str(f), str(r)) for f, r in array.tolist())

@@ -3,6 +3,9 @@
 Layouts recognised under a site folder (pairs are matched by file name; a pair whose
 image or mask cannot be read is reported and skipped, never half-used):
 
+- a CSV manifest (``manifest.csv`` by default, ``data.manifest``) with the columns
+  ``image,mask,patient_id`` and optionally ``split``, paths relative to the folder:
+  the only layout that names patients (needed for ``privacy.unit: patient``);
 - ``image/`` + ``label/`` (or ``images/`` + ``masks/``) sub-folders, files of the same
   stem: PNG, JPEG, TIFF, NIfTI, NRRD or DICOM;
 - files ``<stem>_image.<ext>`` + ``<stem>_label.<ext>`` (e.g. NRRD or NIfTI volumes with
@@ -10,9 +13,10 @@ image or mask cannot be read is reported and skipped, never half-used):
 
 Policy (documented in docs/data.md):
 
-- **Volumes** are cut into 2-D slices along their last axis. Every slice with
-  foreground is kept, plus background-only slices evenly spaced through the volume, at
-  most as many as the foreground slices (so empty slices do not swamp training).
+- **Volumes** are cut into 2-D slices along their last axis (``data.frames: middle``
+  keeps only the middle slice). Every slice with foreground is kept, plus
+  background-only slices evenly spaced through the volume, at most as many as the
+  foreground slices (so empty slices do not swamp training).
 - **Large 2-D images** (longest side above 1.5 x ``tile``) are cut into non-overlapping
   ``tile`` x ``tile`` tiles (the remainder at the right and bottom edges is dropped),
   with the same foreground/background policy.
@@ -22,45 +26,81 @@ Policy (documented in docs/data.md):
   to ``size`` with area/bilinear resampling, square padding, per-image intensity
   normalisation); masks follow with nearest-neighbour resampling and pad with 0.
 
-Every slice or tile keeps its source (volume or image) as its group, so splits and the
-privacy unit can keep one source together.
+Every slice or tile keeps its source (volume or image) and its patient (the manifest's,
+else the source): splits never cut a patient, and the privacy record of a
+segmentation site is a whole source image, all its slices or tiles together.
 """
 
 from __future__ import annotations
 
+import csv
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medmeta_common.config import ImageConfig
 from medmeta_common.data.images import looks_like_image, read_image_file, suffix_of
 from medmeta_common.data.issues import IssueLog
+from medmeta_common.data.manifest import inside
+from medmeta_common.data.records import (
+    SPLITS,
+    LoadIssue,
+    RawRecord,
+    RawSite,
+    issues_array,
+    issues_of,
+)
 from medmeta_common.data.transforms import harmonise_stack
 from medmeta_common.errors import DataError
 
 CLASSES = ("background", "foreground")
+MANIFEST_COLUMNS = ("image", "mask", "patient_id")
 _FOLDER_PAIRS = (("image", "label"), ("images", "masks"), ("images", "labels"))
 _NAME_PAIRS = (("_image", "_label"), ("img", "mask"))
 
 
 @dataclass(frozen=True)
 class SegmentationData:
-    """Harmonised images ``(N, C, S, S)`` float32 and masks ``(N, S, S)`` int64 (0/1)."""
+    """Harmonised images ``(N, C, S, S)`` float32 and masks ``(N, S, S)`` int64 (0/1).
+
+    ``groups`` are patients (from a manifest) or, without one, the source images;
+    ``sources`` the image or volume each slice or tile was cut from.
+    """
 
     images: np.ndarray
     masks: np.ndarray
     groups: np.ndarray
     refs: tuple[str, ...]
+    sources: np.ndarray
     classes: tuple[str, ...] = CLASSES
-    issues: tuple = field(default=())
+    issues: tuple[LoadIssue, ...] = field(default=())
+    groups_known: bool = False
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
 
     def subset(self, index: np.ndarray) -> SegmentationData:
         """The slices/tiles at ``index``."""
         index = np.asarray(index, dtype=np.int64)
         return SegmentationData(self.images[index], self.masks[index], self.groups[index],
-                                tuple(self.refs[i] for i in index), self.classes, self.issues)
+                                tuple(self.refs[i] for i in index), self.sources[index],
+                                self.classes, self.issues, self.groups_known)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for the site's data cache), read back by :meth:`from_arrays`."""
+        return {"images": self.images, "masks": self.masks, "groups": self.groups,
+                "refs": np.array(self.refs, dtype=str), "sources": self.sources,
+                "classes": np.array(self.classes, dtype=str),
+                "issues": issues_array(self.issues), "groups_known": np.array(self.groups_known)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SegmentationData:
+        """The data written by :meth:`to_arrays`."""
+        return cls(arrays["images"], arrays["masks"], arrays["groups"],
+                   tuple(arrays["refs"].tolist()), arrays["sources"],
+                   tuple(arrays["classes"].tolist()), issues_of(arrays["issues"]),
+                   bool(arrays["groups_known"]))
 
     @property
     def foreground_fraction(self) -> float:
@@ -89,43 +129,97 @@ def find_pairs(folder: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def load_segmentation(folder: Path | str, image: ImageConfig, *, tile: int = 128,
-                      issues: IssueLog | None = None) -> SegmentationData:
-    """Read, slice/tile and harmonise a segmentation site.
+@dataclass(frozen=True)
+class _Pair:
+    image: Path
+    mask: Path
+    patient: str | None = None
+    split: str | None = None
 
-    Raises :class:`DataError` naming the folder when no pair is usable.
-    """
-    folder = Path(folder)
-    issues = issues or IssueLog("lenient")
-    pairs = find_pairs(folder)
-    if not pairs:
-        raise DataError(str(folder), "no image/mask pairs found (expected image/ + label/ "
-                        "folders, or files named *_image.* + *_label.*, or *img* + *mask*)")
-    images, masks, groups, refs = [], [], [], []
-    for image_path, mask_path in pairs:
+
+def _manifest_pairs(folder: Path, manifest: Path, issues: IssueLog) -> list[_Pair]:
+    """The pairs a segmentation manifest lists; bad rows reported by line."""
+    name = str(manifest)
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            missing = [c for c in MANIFEST_COLUMNS if c not in header]
+            if missing:
+                raise DataError(name, f"missing column(s) {', '.join(missing)}; a segmentation "
+                                f"manifest names {', '.join(MANIFEST_COLUMNS)}[,split] "
+                                f"(found {header})")
+            reader.fieldnames = header
+            rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
+                    for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(name, f"unreadable manifest ({type(exc).__name__}: {exc})") from None
+    pairs = []
+    for line, row in rows:
+        where = f"{manifest.name} line {line}"
+        split = row.get("split", "").lower() or None
+        image, mask = inside(folder, row["image"]), inside(folder, row["mask"])
+        if image is None or mask is None:
+            issues.report(where, "image and mask must be paths inside the site folder")
+        elif not row["patient_id"]:
+            issues.report(where, "empty patient_id")
+        elif split is not None and split not in SPLITS:
+            issues.report(where, f"split must be one of {', '.join(SPLITS)}; found {split!r}")
+        else:
+            pairs.append(_Pair(image, mask, row["patient_id"], split))
+    return pairs
+
+
+def decode_segmentation(folder: Path, *, manifest: str, frames: str, tile: int,
+                        issues: IssueLog) -> RawSite:
+    """Read every pair, slice or tile it, and keep what the policy keeps (as raw records)."""
+    if (folder / manifest).is_file():
+        pairs = _manifest_pairs(folder, folder / manifest, issues)
+    else:
+        pairs = [_Pair(i, m) for i, m in find_pairs(folder)]
+    if not pairs and not issues.issues:
+        raise DataError(str(folder), "no image/mask pairs found (expected a manifest.csv "
+                        "with image,mask,patient_id, image/ + label/ folders, or files named "
+                        "*_image.* + *_label.*, or *img* + *mask*)")
+    site = RawSite(root=str(folder), format="segmentation", classes=CLASSES,
+                   groups_known=(folder / manifest).is_file())
+    for pair in pairs:
         try:
-            pixels, labels = _read_pair(image_path, mask_path)
+            pixels, labels = _read_pair(pair.image, pair.mask)
         except DataError as error:
             issues.report_error(error)
             continue
+        if frames == "middle" and len(labels) > 1:
+            middle = slice(len(labels) // 2, len(labels) // 2 + 1)
+            pixels, labels = pixels[middle], labels[middle]
+        source = pair.image.name
         for index in _keep(labels, tile):
-            images.append(pixels[index[0]][(slice(None), *index[1:])])
-            masks.append(labels[index[0]][index[1:]])
-            groups.append(image_path.name)
-            refs.append(f"{image_path.name}#{_describe(index)}")
-    if not images:
-        raise DataError(str(folder), "no usable image/mask pair: " +
-                        "; ".join(f"{i.file}: {i.reason}" for i in issues.issues[:3]))
-    out_images = np.empty((len(images), image.channels, image.size, image.size), np.float32)
+            site.records.append(RawRecord(
+                pixels[index[0]][(slice(None), *index[1:])], 0, pair.patient or source,
+                f"{source}#{_describe(index)}", "image", pair.split, source,
+                labels[index[0]][index[1:]]))
+    site.issues = list(issues.issues)
+    return site
+
+
+def harmonise_segmentation(site: RawSite, *, size: int, channels: int,
+                           intensity: str) -> SegmentationData:
+    """Turn a segmentation :class:`RawSite` into :class:`SegmentationData`."""
+    records = site.records
+    images = [r.pixels for r in records]
+    masks = [r.mask for r in records]
+    out_images = np.empty((len(images), channels, size, size), np.float32)
     for index in _same_shape_order(images):
         out_images[index] = harmonise_stack(np.stack([images[i] for i in index]),
-                                            size=image.size, channels=image.channels,
-                                            intensity=image.intensity)
-    out_masks = np.empty((len(masks), image.size, image.size), np.int64)
-    for index in _same_shape_order(masks):
-        out_masks[index] = resize_masks(np.stack([masks[i] for i in index]), image.size)
-    return SegmentationData(out_images, out_masks, np.array(groups, dtype=object), tuple(refs),
-                            issues=tuple(issues.issues))
+                                            size=size, channels=channels, intensity=intensity)
+    out_masks = np.empty((len(masks), size, size), np.int64)
+    for index in _same_shape_order(masks):  # type: ignore[arg-type]
+        out_masks[index] = resize_masks(np.stack([masks[i] for i in index]), size)
+    return SegmentationData(out_images, out_masks,
+                            np.array([r.group for r in records], dtype=str),
+                            tuple(r.ref for r in records),
+                            np.array([r.source for r in records], dtype=str),
+                            issues=tuple(site.issues), groups_known=site.groups_known)
 
 
 def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:

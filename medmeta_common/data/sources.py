@@ -1,7 +1,9 @@
-"""One entry point to read a site's data, whatever its format.
+"""One entry point to read a site's data, whatever its format and task.
 
-``read_raw`` finds the format, decodes, and selects the split, classes and partition;
-``load_site`` also harmonises the images (see :mod:`.transforms`).
+``read_raw`` finds the format, decodes (for segmentation: image/mask pairs, sliced and
+tiled), and selects the split, classes and partition, under the configured bad-file
+policy; ``load_site`` (classification) and ``load_segmentation`` also harmonise the
+images (see :mod:`.transforms`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from medmeta_common.config import SYNTHETIC_PREFIX, DataConfig, ImageConfig
-from medmeta_common.config.tasks import frames_for
+from medmeta_common.config.tasks import DEFAULT_TILE, TaskName, frames_for
 from medmeta_common.data.folders import class_folders, read_class_folders
 from medmeta_common.data.issues import IssueLog
 from medmeta_common.data.manifest import read_manifest_folder
 from medmeta_common.data.npz import read_npz
 from medmeta_common.data.records import RawSite, SiteData
+from medmeta_common.data.segmentation import (
+    SegmentationData,
+    decode_segmentation,
+    harmonise_segmentation,
+)
 from medmeta_common.data.splits import partition_by_group, split_by_group
 from medmeta_common.data.synthetic import demo_site
 from medmeta_common.data.transforms import harmonise
@@ -43,7 +50,8 @@ def detect_format(path: Path, manifest: str = "manifest.csv") -> str:
                     "with one sub-folder of images per class")
 
 
-def read_raw(data: DataConfig, issues: IssueLog | None = None) -> RawSite:
+def read_raw(data: DataConfig, issues: IssueLog | None = None, *,
+             task: TaskName = "classification", tile: int = DEFAULT_TILE) -> RawSite:
     """Decode a site's records and select split, classes and partition.
 
     Parameters
@@ -52,10 +60,15 @@ def read_raw(data: DataConfig, issues: IssueLog | None = None) -> RawSite:
         The site's data settings (path already resolved).
     issues : IssueLog, optional
         Where bad files go; defaults to one following ``data.policy``.
+    task : str
+        What the records are for: ``segmentation`` reads image/mask pairs.
+    tile : int
+        Segmentation: the tile side for large 2-D images.
 
     """
     issues = issues or IssueLog(data.policy)
-    site = _decode(data, issues)
+    site = _decode_segmentation(data, issues, tile) if task == "segmentation" else \
+        _decode(data, issues)
     site = _select_split(site, data)
     if data.classes is not None:
         site = _select_classes(site, data.classes)
@@ -77,6 +90,26 @@ def load_site(
         raise DataError(data.path, _empty_reason(raw, data))
     return harmonise(raw, size=image.size, channels=image.channels,
                      intensity=image.intensity, issues=issues)
+
+
+def load_segmentation(data: DataConfig, image: ImageConfig, *, tile: int = DEFAULT_TILE,
+                      issues: IssueLog | None = None) -> SegmentationData:
+    """Read, select and harmonise a segmentation site; :class:`DataError` when nothing is usable."""
+    issues = issues or IssueLog(data.policy)
+    raw = read_raw(data, issues, task="segmentation", tile=tile)
+    if not raw.records:
+        raise DataError(data.path, _empty_reason(raw, data))
+    return harmonise_segmentation(raw, size=image.size, channels=image.channels,
+                                  intensity=image.intensity)
+
+
+def _decode_segmentation(data: DataConfig, issues: IssueLog, tile: int) -> RawSite:
+    if data.is_builtin:
+        raise DataError(data.path, "the built-in demo has no segmentation data; give a folder "
+                        "of image/mask pairs")
+    return decode_segmentation(Path(data.path), manifest=data.manifest,
+                               frames=frames_for("segmentation", data), tile=tile,
+                               issues=issues)
 
 
 def _decode(data: DataConfig, issues: IssueLog) -> RawSite:
@@ -120,7 +153,7 @@ def _select_classes(site: RawSite, classes: tuple[str, ...]) -> RawSite:
 
 def _empty_reason(raw: RawSite, data: DataConfig) -> str:
     if raw.issues:
-        return f"no usable images ({len(raw.issues)} bad file(s), first: {raw.issues[0].file}: " \
-               f"{raw.issues[0].reason})"
+        return f"no usable images ({len(raw.issues)} bad file(s): " + "; ".join(
+            f"{i.file}: {i.reason}" for i in raw.issues[:3]) + ")"
     return f"no images in split {data.split!r}" if data.split else "no images found"
 

@@ -85,6 +85,7 @@ def harmonise(
         groups=np.array([r.group for r in records], dtype=str),
         refs=tuple(r.ref for r in records),
         issues=reported,
+        groups_known=site.groups_known,
     )
 
 

@@ -1,4 +1,4 @@
-"""Adapt the global meta-model to a new site's task, entirely locally.
+"""Classification at a new site: adapt the meta-model to its classes, entirely locally.
 
 A new hospital loads the meta-model (a checkpoint file or a run directory), reads its
 own labelled images in any supported format, and gets either an evaluation over
@@ -25,36 +25,27 @@ from client.fewshot import (
     finetune_all,
     fit_head,
 )
-from medmeta_common.checkpoint import (
-    atomic_torch_save,
-    atomic_write_json,
-    load_checkpoint,
-    torch_load,
+from client.meta_model import (
+    MetaModel,
+    load_meta_model,
+    model_settings,
+    read_model_file,
+    saved_encoder,
 )
+from client.tasks.base import AdaptDefaults, AdaptRequest
+from medmeta_common.checkpoint import atomic_torch_save, atomic_write_json
 from medmeta_common.config import DataConfig, FewShotConfig, ImageConfig, ModelConfig
 from medmeta_common.config.typed import build
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.errors import CheckpointError, ConfigError
 from medmeta_common.models.encoder import Encoder
-from medmeta_common.models.factory import encoder_spec
 from medmeta_common.models.heads import CosineClassifier
 
 log = logging.getLogger(__name__)
 
 ADAPTED_FILE = "adapted_model.pt"
 ADAPTED_INFO = "adapted_model.json"
-
-
-@dataclass
-class MetaModel:
-    """The shared encoder as the federation left it, with the settings to use it."""
-
-    encoder: Encoder
-    image: ImageConfig
-    model: ModelConfig
-    round: int
-    federation: str
 
 
 @dataclass
@@ -67,33 +58,6 @@ class AdaptedModel:
     image: ImageConfig
     model: ModelConfig
     info: dict[str, Any]
-
-
-def _configs(payload: dict[str, Any], source: str) -> tuple[ImageConfig, ModelConfig]:
-    try:
-        return (build(ImageConfig, payload["image"], source=source, field="image"),
-                build(ModelConfig, payload["model"], source=source, field="model"))
-    except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"{source}: settings missing or invalid ({exc})") from None
-
-
-def _encoder(state: dict[str, torch.Tensor], image: ImageConfig, model: ModelConfig,
-             source: str) -> Encoder:
-    encoder = Encoder(encoder_spec(model, image))
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source}: encoder weights do not fit its architecture "
-                              f"({str(exc).splitlines()[0]})") from None
-    return encoder.eval()
-
-
-def load_meta_model(path: Path) -> MetaModel:
-    """Load the meta-model from a checkpoint file or a run directory (its newest checkpoint)."""
-    payload = load_checkpoint(Path(path))
-    image, model = _configs(payload, str(path))
-    return MetaModel(_encoder(payload["encoder"], image, model, str(path)), image, model,
-                     int(payload["round"]), str(payload.get("federation", "")))
 
 
 def evaluate_site(meta: MetaModel, data: DataConfig, fewshot: FewShotConfig, *, seed: int = 0,
@@ -152,17 +116,6 @@ def save_adapted(model: AdaptedModel, folder: Path) -> Path:
     return folder / ADAPTED_FILE
 
 
-def read_model_file(path: Path, kind: str, what: str) -> dict[str, Any]:
-    """The payload of a saved model of ``kind``; :class:`CheckpointError` naming ``path``."""
-    try:
-        payload = torch_load(path)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types on a bad file
-        raise CheckpointError(f"{path}: not a readable model ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != kind:
-        raise CheckpointError(f"{path}: not {what}")
-    return payload
-
-
 def load_adapted(folder: Path) -> AdaptedModel:
     """Load a model written by :func:`save_adapted`."""
     path = Path(folder) / ADAPTED_FILE if Path(folder).is_dir() else Path(folder)
@@ -170,9 +123,9 @@ def load_adapted(folder: Path) -> AdaptedModel:
         raise CheckpointError(f"{folder}: no adapted model (expected {ADAPTED_FILE}; create it "
                               "with `medmeta adapt ... --save DIR`)")
     payload = read_model_file(path, "medmeta-adapted-model", "a medmeta adapted model")
-    image, model = _configs(payload, str(path))
+    image, model = model_settings(payload, str(path))
     classes = tuple(payload["classes"])
-    encoder = _encoder(payload["encoder"], image, model, str(path))
+    encoder = saved_encoder(payload["encoder"], image, model, str(path))
     head = CosineClassifier(encoder.embedding_dim, len(classes), model.cosine_scale)
     head.weight.data.copy_(payload["head"])
     info_path = path.parent / ADAPTED_INFO
@@ -180,5 +133,28 @@ def load_adapted(folder: Path) -> AdaptedModel:
     return AdaptedModel(encoder, head.eval(), classes, image, model, info)
 
 
-__all__ = ["AdaptedModel", "MetaModel", "adapt", "evaluate_site", "load_adapted",
-           "load_meta_model", "save_adapted"]
+def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
+                  ) -> tuple[dict[str, Any], str]:
+    """``medmeta adapt`` for classification: the ``--json`` report and a summary line."""
+    if request.ways is None:
+        raise ConfigError(source="--ways", field="ways", expected="the number of classes per "
+                          "episode (required for classification)", found="nothing")
+    steps = defaults.finetune_steps if request.finetune_steps is None \
+        else request.finetune_steps
+    fewshot = build(FewShotConfig, {"ways": request.ways, "shots": request.shots,
+                                    "queries": request.queries,
+                                    "episodes": request.episodes or defaults.episodes,
+                                    "finetune_steps": steps}, source="command line")
+    meta = load_meta_model(request.checkpoint)
+    result = evaluate_site(meta, request.data, fewshot, seed=request.seed,
+                           finetune=request.finetune)
+    if request.save is not None:
+        adapted = adapt(meta, load_site(request.data, meta.image), finetune_steps=steps,
+                        finetune=request.finetune)
+        path = save_adapted(adapted, request.save)
+        log.info("adapted model for classes %s written to %s", list(adapted.classes), path)
+    summary = (f"{result.ways}-way {result.shots}-shot accuracy: "
+               f"{100 * result.accuracy_mean:.1f}% ± {100 * result.accuracy_ci95:.1f} "
+               f"(95% interval over {result.episodes} episodes; meta-model of round "
+               f"{meta.round})")
+    return result.to_json(), summary

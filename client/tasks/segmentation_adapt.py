@@ -1,8 +1,8 @@
-"""Few-shot segmentation at a new site: adapt a decoder on the meta-learned encoder, predict masks.
+"""Segmentation at a new site: adapt a decoder on the meta-learned encoder, predict masks.
 
 ``medmeta adapt --task segmentation`` scores episodes with
-:func:`client.segmentation.evaluate_fewshot_segmentation` and, with ``--save``, trains
-a decoder (and optionally the encoder) on all the site's annotated images.
+:func:`client.tasks.segmentation.evaluate_fewshot_segmentation` and, with ``--save``,
+trains a decoder (and optionally the encoder) on all the site's annotated images.
 ``medmeta predict`` with such a model writes one mask per input next to a CSV summary:
 PNG (0/255) for 2-D images, NIfTI (``.nii.gz``, the source's affine when it is NIfTI)
 for volumes. Large 2-D images are predicted tile by tile, as they were trained; every
@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.adapt import MetaModel, _configs, _encoder, read_model_file
-from client.segmentation import train_segmenter
+from client.meta_model import (
+    MetaModel,
+    load_meta_model,
+    model_settings,
+    read_model_file,
+    saved_encoder,
+)
+from client.tasks.base import AdaptDefaults, AdaptRequest
+from client.tasks.segmentation import evaluate_fewshot_segmentation, fit_segmenter
 from medmeta_common.checkpoint import atomic_torch_save, atomic_write, atomic_write_text
 from medmeta_common.config import ImageConfig, ModelConfig
-from medmeta_common.data.images import read_image_file, suffix_of
+from medmeta_common.data.images import input_files, read_image_file, suffix_of
 from medmeta_common.data.segmentation import CLASSES, SegmentationData
+from medmeta_common.data.sources import load_segmentation
 from medmeta_common.data.transforms import harmonise_stack
-from medmeta_common.errors import DataError
+from medmeta_common.errors import ConfigError, DataError
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
+
+log = logging.getLogger(__name__)
 
 SEGMENTER_FILE = "adapted_segmenter.pt"
 
@@ -51,9 +62,9 @@ def adapt_segmentation(meta: MetaModel, data: SegmentationData, *, steps: int = 
                        ) -> AdaptedSegmenter:
     """Train a decoder (and with ``finetune='all'`` the encoder) on all annotated images."""
     model = Segmenter(meta.encoder, build_decoder(meta.encoder, len(CLASSES), seed))
-    train_segmenter(model, data, steps=steps, batch_size=min(16, len(data.masks)), lr=1e-3,
-                    seed=seed, device=torch.device("cpu"), train_encoder=finetune == "all")
-    info = {"federation": meta.federation, "meta_round": meta.round, "images": len(data.masks),
+    fit_segmenter(model, data, steps=steps, batch_size=min(16, len(data)), lr=1e-3,
+                  seed=seed, device=torch.device("cpu"), train_encoder=finetune == "all")
+    info = {"federation": meta.federation, "meta_round": meta.round, "images": len(data),
             "steps": steps, "finetune": finetune, "classes": list(CLASSES)}
     return AdaptedSegmenter(model.eval(), meta.image, meta.model, tile, info)
 
@@ -79,8 +90,8 @@ def load_segmenter(folder: Path) -> AdaptedSegmenter:
     """Load a model written by :func:`save_segmenter`."""
     path = Path(folder) / SEGMENTER_FILE if Path(folder).is_dir() else Path(folder)
     payload = read_model_file(path, "medmeta-adapted-segmenter", "a medmeta adapted segmenter")
-    image, model_config = _configs(payload, str(path))
-    encoder = _encoder(payload["encoder"], image, model_config, str(path))
+    image, model_config = model_settings(payload, str(path))
+    encoder = saved_encoder(payload["encoder"], image, model_config, str(path))
     decoder = UNetDecoder(encoder.spec.widths, len(CLASSES), encoder.spec.norm_groups)
     decoder.load_state_dict(payload["decoder"])
     return AdaptedSegmenter(Segmenter(encoder, decoder).eval(), image, model_config,
@@ -169,3 +180,44 @@ def _write_mask(target: Path, masks: np.ndarray, nifti_source: Path | None) -> N
     volume = nib.Nifti1Image(np.moveaxis(masks, 0, -1).astype(np.uint8), affine)
     payload = gzip.compress(volume.to_bytes())
     atomic_write(target, lambda handle: handle.write(payload))
+
+
+def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
+                  ) -> tuple[dict[str, Any], str]:
+    """``medmeta adapt --task segmentation``: the ``--json`` report and a summary line."""
+    if request.shots < 1:
+        raise ConfigError(source="--shots", field="shots", expected="at least 1",
+                          found=str(request.shots))
+    meta = load_meta_model(request.checkpoint)
+    data = load_segmentation(request.data, meta.image, tile=request.tile)
+    steps = defaults.finetune_steps if request.finetune_steps is None \
+        else request.finetune_steps
+    finetune = "all" if request.finetune == "all" else "decoder"
+    result = evaluate_fewshot_segmentation(
+        meta.encoder, data, shots=request.shots, queries=request.queries,
+        episodes=request.episodes or defaults.episodes, steps=steps, finetune=finetune,
+        seed=request.seed)
+    if request.save is not None:
+        adapted = adapt_segmentation(meta, data, steps=steps, finetune=finetune,
+                                     tile=request.tile, seed=request.seed)
+        log.info("adapted segmenter written to %s", save_segmenter(adapted, request.save))
+    report = {"dice_mean": result.dice_mean, "dice_ci95": result.dice_ci95,
+              "shots": result.shots, "episodes": result.episodes}
+    summary = (f"{result.shots}-shot Dice: {result.dice_mean:.3f} ± {result.dice_ci95:.3f} "
+               f"(95% interval over {result.episodes} episodes; meta-model of round "
+               f"{meta.round})")
+    return report, summary
+
+
+def predict_command(folder: Path, inputs: Path, out: Path | None) -> int:
+    """``medmeta predict`` with a saved segmenter: masks and ``masks.csv`` in ``out``."""
+    if out is None:
+        raise ConfigError(source="--out", field="out", expected="a folder for the masks "
+                          "(a segmentation model writes mask files and masks.csv)",
+                          found="nothing")
+    root = inputs if inputs.is_dir() else inputs.parent
+    results = predict_masks(load_segmenter(folder), input_files(inputs), out, root=root)
+    failed = sum(bool(r.error) for r in results)
+    log.info("%d mask(s) written to %s, %d file(s) could not be read; summary: %s",
+             len(results) - failed, out, failed, out / "masks.csv")
+    return failed

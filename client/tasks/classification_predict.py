@@ -1,19 +1,23 @@
-"""Predictions of an adapted model for image files; a bad file is reported, never fatal."""
+"""Classification predictions of an adapted model for image files; a bad file is reported.
+
+A file that cannot be decoded gets an error row naming the reason, never a crash.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.adapt import AdaptedModel
+from client.tasks.classification_adapt import AdaptedModel, load_adapted
 from medmeta_common.checkpoint import atomic_write_text
-from medmeta_common.data.images import looks_like_image, read_image_file
+from medmeta_common.data.images import input_files, read_image_file
 from medmeta_common.data.transforms import harmonise_stack
 from medmeta_common.errors import DataError
 
@@ -28,16 +32,6 @@ class Prediction:
     label: str | None
     probabilities: tuple[float, ...] | None
     error: str | None = None
-
-
-def input_files(path: Path) -> list[Path]:
-    """``path`` itself, or every image file below a folder (sorted)."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                      and looks_like_image(p))
-    raise DataError(str(path), "no such file or folder")
 
 
 @torch.no_grad()
@@ -92,3 +86,18 @@ def predictions_csv(predictions: list[Prediction], classes: tuple[str, ...]) -> 
 def write_predictions(predictions: list[Prediction], classes: tuple[str, ...], out: Path) -> None:
     """Write the CSV atomically."""
     atomic_write_text(out, predictions_csv(predictions, classes))
+
+
+def predict_command(folder: Path, inputs: Path, out: Path | None) -> int:
+    """``medmeta predict`` with a saved classifier: CSV to ``out`` (or stdout)."""
+    model = load_adapted(folder)
+    root = inputs if inputs.is_dir() else inputs.parent
+    predictions = predict(model, input_files(inputs), root=root)
+    if out is None:
+        sys.stdout.write(predictions_csv(predictions, model.classes))
+    else:
+        write_predictions(predictions, model.classes, out)
+    failed = sum(p.error is not None for p in predictions)
+    log.info("%d file(s) predicted, %d could not be read%s", len(predictions) - failed, failed,
+             f"; written to {out}" if out else "")
+    return failed
