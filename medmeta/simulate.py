@@ -1,28 +1,30 @@
-"""``medmeta simulate``: a whole federation on one machine, in Flower's simulation engine.
+"""``medmeta simulate``: a whole federation on one machine.
 
-The same ServerApp and ClientApp code as production, with the sites' data and state
-folders taken from a federation config. After the rounds, the held-out site adapts
-the meta-model locally and the run directory gets a report.
+The same ServerApp code (:func:`server.app.run_federation`, Flower's round loop with
+our strategy) and the same ClientApp (:mod:`client.app`) as production, connected by
+an in-process Grid (:mod:`medmeta.inprocess`) instead of a SuperLink; the sites' data
+and state folders come from a federation config. After the rounds, the held-out site
+adapts the meta-model locally and the run directory gets a report.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from flwr.app import Context
 
 from client.app import make_client_app
 from client.site import SiteRuntime
+from medmeta.inprocess import InProcessGrid, Mod
 from medmeta_common.checkpoint import atomic_write_json
 from medmeta_common.config import FederationConfig
 from medmeta_common.config.fingerprint import SCHEMA_VERSION
 from medmeta_common.errors import CheckpointError, FederationError
-from server.app import make_server_app
+from server.app import run_federation
 from server.state import RunState
 
 log = logging.getLogger("medmeta.simulate")
@@ -61,8 +63,6 @@ def prepare_run_dir(config: FederationConfig, out_dir: Path, *, resume: bool) ->
     if resume:
         state.check_resumable(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from dataclasses import asdict
-
     atomic_write_json(out_dir / "config.json", {"config_hash": config.hash(),
                                                 "config_schema": SCHEMA_VERSION, **asdict(config)})
 
@@ -79,53 +79,29 @@ def warn_about_privacy(config: FederationConfig) -> None:
                      site.name, privacy.epsilon, privacy.max_grad_norm, privacy.unit)
 
 
-def run_simulation(config: FederationConfig, out_dir: Path, *, resume: bool = False) -> None:
-    """Run the federation rounds in Flower's simulation engine (Ray backend)."""
-    from flwr.simulation import run_simulation as flower_run_simulation
+def run_simulation(config: FederationConfig, out_dir: Path, *, resume: bool = False,
+                   mods: Mapping[str, Sequence[Mod]] | None = None) -> InProcessGrid:
+    """Run the federation's rounds in this process; the grid holds every site reply.
 
+    ``mods`` adds ClientApp mods at chosen sites (by name), e.g. a hostile site of
+    :mod:`medmeta.attacks`.
+    """
     prepare_run_dir(config, out_dir, resume=resume)
     warn_about_privacy(config)
-    cpus = os.cpu_count() or 1
-    per_site = min(config.runtime.cpus_per_site, float(cpus))
-    gpus = 0.0
-    if config.runtime.device != "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            gpus = min(1.0, 1.0 / max(1, len(config.sites)))
-    backend = {
-        "client_resources": {"num_cpus": per_site, "num_gpus": gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": logging.ERROR},
-    }
-    abort = threading.Event()
+    names = [s.name for s in config.sites]
+    unknown = sorted(set(mods or {}) - set(names))
+    if unknown:
+        raise FederationError(f"no site(s) {unknown} in the federation to attach mods to")
+    grid = InProcessGrid(
+        make_client_app(SimulatedSites(config, out_dir)),
+        [{"partition-id": i, "num-partitions": len(names)} for i in range(len(names))],
+        mods={names.index(n): list(m) for n, m in (mods or {}).items()}, seed=config.seed)
     started = time.monotonic()
-    log.info("simulating %d site(s) for %d round(s) in Flower's simulation engine; output in %s",
-             len(config.sites), config.rounds, out_dir)
-    try:
-        flower_run_simulation(
-            server_app=make_server_app(config, out_dir, resume=resume, abort=abort),
-            client_app=make_client_app(SimulatedSites(config, out_dir)),
-            num_supernodes=len(config.sites),
-            backend_config=backend,  # type: ignore[arg-type]
-        )
-    except RuntimeError as exc:
-        cause = exc.__cause__ or exc
-        raise FederationError(f"the simulated federation failed: {cause}") from exc
-    finally:
-        abort.set()  # a ServerApp thread still waiting for replies gives up now
-        _shutdown_ray()
+    log.info("simulating %d site(s) for %d round(s); output in %s", len(config.sites),
+             config.rounds, out_dir)
+    run_federation(grid, config, out_dir, resume=resume)  # type: ignore[arg-type]
     log.info("federation finished in %.0f s", time.monotonic() - started)
-
-
-def _shutdown_ray() -> None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:
-        log.debug("ray shutdown failed", exc_info=True)
+    return grid
 
 
 def with_rounds(config: FederationConfig, rounds: int | None) -> FederationConfig:

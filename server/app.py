@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from medmeta_common.errors import FederationError
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.protocol import flatten, layout_of
 from medmeta_common.wire import numpy_to_arrays, to_config_record
-from server.abortable_grid import AbortableGrid
 from server.meta_update import MetaOptimizer
 from server.plots import write_plots, write_rounds_csv
 from server.state import RunState
@@ -90,14 +88,8 @@ class RunRecorder:
                      self.config.rounds, ", ".join(f"{s} {d:.3f}" for s, d in dice.items()))
 
 
-def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool,
-                   abort: threading.Event | None = None) -> int:
-    """Run (or resume) the federation on ``grid``; return the last round done.
-
-    With ``abort``, every wait for replies ends as soon as the event is set.
-    """
-    if abort is not None:
-        grid = AbortableGrid(grid, abort)  # type: ignore[assignment]
+def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool) -> int:
+    """Run (or resume) the federation on ``grid``; return the last round done."""
     random.seed(config.seed)  # Flower samples sites with the `random` module
     state = RunState(out_dir)
     encoder = build_encoder(config.model, config.image, config.seed)
@@ -135,7 +127,6 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         run_secure_rounds(grid, strategy, config.server.secure_aggregation, initial=initial,
                           rounds=remaining, settings=settings,
                           fraction_train=config.server.fraction_train,
-                          fraction_evaluate=config.server.fraction_evaluate,
                           round_timeout=config.server.round_timeout)
     else:
         strategy.start(grid=grid, initial_arrays=numpy_to_arrays(initial),
@@ -145,18 +136,6 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
     write_rounds_csv(records, out_dir / "rounds.csv")
     write_plots(records, out_dir)
     return config.rounds
-
-
-def make_server_app(config: RunConfig, out_dir: Path, *, resume: bool,
-                    abort: threading.Event | None = None) -> ServerApp:
-    """A ServerApp that runs ``config`` and writes to ``out_dir``."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, out_dir, resume=resume, abort=abort)
-
-    return app
 
 
 # --- Production: the ServerApp that `medmeta server start` submits to the SuperLink ------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
@@ -47,10 +46,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medmeta_common.config import SecureAggregationConfig
-from medmeta_common.protocol import NUM_EXAMPLES, TRAIN_METRICS, finite_float
+from medmeta_common.protocol import check_update
 from medmeta_common.wire import numpy_to_arrays
 from server.strategy import MetaStrategy
-from server.update_checks import update_norm
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +81,12 @@ class StoppingSecAggPlus(SecAggPlusWorkflow):
 
 
 class SecureRoundStrategy(Strategy):
-    """The legacy strategy interface that :class:`SecAggPlusWorkflow` drives, for one round."""
+    """The legacy strategy interface that :class:`SecAggPlusWorkflow` drives, for one round.
+
+    It holds no aggregation logic: site metrics are judged by
+    :meth:`MetaStrategy.judge_metrics`, and the round is closed (meta-update,
+    checkpoint, metrics) by :meth:`MetaStrategy.close_round`, exactly as in plain rounds.
+    """
 
     def __init__(self, meta: MetaStrategy, grid: Grid, settings: ConfigRecord,
                  current: dict[str, np.ndarray], round_number: int, fraction: float) -> None:
@@ -94,7 +97,7 @@ class SecureRoundStrategy(Strategy):
         self.round_number = round_number
         self.fraction = fraction
         self.sampled: list[int] = []
-        self.new: dict[str, np.ndarray] | None = None
+        self.target: dict[str, np.ndarray] | None = None
         self.record: dict[str, Any] | None = None
 
     def configure_fit(self, server_round: int, parameters: Parameters,
@@ -110,42 +113,47 @@ class SecureRoundStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict]:
-        """Meta-update from the unmasked mean update; ``results`` carry it, not their own."""
+        """The aggregate target from the unmasked mean update; ``results`` carry it."""
         sites: dict[str, dict[str, Any]] = {}
         contributors = 0
-        for proxy, fitres in results:
+        for proxy, fitres in sorted(results, key=lambda r: self.meta.site_name(r[0].node_id)):
             name = self.meta.site_name(proxy.node_id)
-            metrics = {k: v for k, v in fitres.metrics.items() if k in TRAIN_METRICS}
-            if metrics.get("refused"):
-                sites[name] = {"status": "refused", **metrics}
-                continue
-            weight = finite_float(metrics.get(NUM_EXAMPLES))
-            accepted = weight is not None and weight > 0
-            sites[name] = {"status": "accepted" if accepted else "rejected", **metrics}
-            contributors += int(accepted)
+            # Flower's legacy fit format repeats the record count as "num_examples".
+            metrics = {k: v for k, v in fitres.metrics.items() if k != "num_examples"}
+            verdict, judged = self.meta.judge_metrics(name, metrics)
+            sites[name] = {"status": verdict, **judged}
+            contributors += int(verdict == "accepted")
         answered = {p.node_id for p, _ in results}
         for node in self.sampled:
             if node not in answered:
                 sites[self.meta.site_name(node)] = {"status": "dropped"}
         self.record = {"round": self.round_number, "phase": "train", "sites": sites,
                        "accepted": contributors, "secure_aggregation": True}
+        rejected = sorted(n for n, m in sites.items() if m["status"] == "rejected")
+        if rejected:
+            # The server cannot take a masked update out of the sum: a reply it would
+            # reject taints the whole round, so the global encoder is kept.
+            log.error("round %d: site(s) %s sent replies the server rejects; their updates "
+                      "are inside the masked sum, so the global encoder is kept",
+                      self.round_number, ", ".join(rejected))
+            self.record["rejected_sum"] = f"rejected site(s) in the sum: {rejected}"
+            self.record["accepted"] = 0
+            return None, {}
         if contributors < self.meta.min_sites:
-            log.warning("round %d: %d site update(s) in the secure sum, fewer than "
-                        "min_sites=%d; the global encoder is kept", self.round_number,
-                        contributors, self.meta.min_sites)
             return None, {}
         # Every result carries the same unmasked mean (Flower's workflow sets it on each).
-        mean_update = parameters_to_ndarrays(results[0][1].parameters)
-        target = {}
-        for (key, value), delta in zip(self.current.items(), mean_update, strict=True):
-            if delta.shape != value.shape or not np.isfinite(delta).all():
-                log.error("round %d: the unmasked sum is malformed at %s; the global encoder "
-                          "is kept", self.round_number, key)
-                return None, {}
-            target[key] = (value.astype(np.float64) + delta).astype(value.dtype)
-        self.new = self.meta.meta_optimizer.step(self.current, target)
-        self.record["update_norm"] = update_norm(self.new, self.current)
-        return ndarrays_to_parameters(list(self.new.values())), {}
+        mean_update = dict(zip(self.current, parameters_to_ndarrays(results[0][1].parameters),
+                               strict=False))
+        problem = check_update({k: np.asarray(v, np.float32) for k, v in mean_update.items()},
+                               self.meta.layout)
+        if problem:
+            log.error("round %d: the unmasked sum is malformed (%s); the global encoder is "
+                      "kept", self.round_number, problem)
+            self.record["rejected_sum"] = problem
+            return None, {}
+        self.target = {k: (v.astype(np.float64) + mean_update[k]).astype(v.dtype)
+                       for k, v in self.current.items()}
+        return None, {}
 
     # The workflow only calls the two methods above; evaluation runs on the Message API.
     def initialize_parameters(self, client_manager: Any) -> Parameters | None:
@@ -169,9 +177,12 @@ class SecureRoundStrategy(Strategy):
 
 def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationConfig, *,
                       initial: dict[str, np.ndarray], rounds: int, settings: ConfigRecord,
-                      fraction_train: float, fraction_evaluate: float,
-                      round_timeout: float) -> dict[str, np.ndarray]:
-    """``rounds`` securely aggregated rounds (each followed by evaluation); the last encoder."""
+                      fraction_train: float, round_timeout: float) -> dict[str, np.ndarray]:
+    """``rounds`` securely aggregated rounds (evaluation as the strategy asks); the last encoder.
+
+    Flower's SecAgg+ needs its own per-round driver (its legacy workflow); each round
+    still begins and closes through the strategy, as plain rounds do.
+    """
     workflow = StoppingSecAggPlus(
         num_shares=_share_setting(secure.num_shares),
         reconstruction_threshold=_share_setting(secure.reconstruction_threshold),
@@ -181,7 +192,7 @@ def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationC
     current = initial
     for local_round in range(1, rounds + 1):
         round_number = meta.round_offset + local_round
-        started = time.monotonic()
+        meta.begin_round(current)
         round_strategy = SecureRoundStrategy(meta, grid, settings, current, round_number,
                                              fraction_train)
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={},
@@ -195,19 +206,18 @@ def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationC
         record = round_strategy.record or {
             "round": round_number, "phase": "train", "accepted": 0, "secure_aggregation": True,
             "sites": {meta.site_name(n): {"status": "aborted"} for n in round_strategy.sampled}}
+        target = round_strategy.target
         if not completed:
             record["aborted"] = "fewer sites than the reconstruction threshold"
+            record["accepted"] = 0
             log.error("round %d aborted: secure aggregation could not complete; the global "
                       "encoder is kept", round_number)
-        if round_strategy.new is not None:
-            current = round_strategy.new
-        record["seconds"] = round(time.monotonic() - started, 3)
-        meta.recorder.train_done(round_number, current, record)
-        if fraction_evaluate > 0:
-            arrays: ArrayRecord = numpy_to_arrays(current)
-            questions = list(meta.configure_evaluate(local_round, arrays,
-                                                     ConfigRecord(dict(settings)), grid))
-            if questions:
-                replies = grid.send_and_receive(questions, timeout=round_timeout)
-                meta.aggregate_evaluate(local_round, replies)
+            target = None
+        current = meta.close_round(record, target)
+        arrays: ArrayRecord = numpy_to_arrays(current)
+        questions = list(meta.configure_evaluate(local_round, arrays,
+                                                 ConfigRecord(dict(settings)), grid))
+        if questions:
+            replies = grid.send_and_receive(questions, timeout=round_timeout)
+            meta.aggregate_evaluate(local_round, replies)
     return current

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from medmeta_common.privacy.central_dp import central_epsilon
 from medmeta_common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -40,7 +41,6 @@ from medmeta_common.protocol import (
 from medmeta_common.update_codec import decode_update, encoded_layout, payload_bytes
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 from server.aggregation import server_target
-from medmeta_common.privacy.central_dp import central_epsilon
 from server.meta_update import MetaOptimizer
 from server.update_checks import screen_update, update_norm
 
@@ -157,8 +157,7 @@ class MetaStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Remember the global encoder and ask a sample of sites to train."""
-        self._round_started = time.monotonic()
-        self._current = arrays_to_numpy(arrays)
+        self.begin_round(arrays_to_numpy(arrays))
         # Sampling waits until enough sites are connected; ask the names after it.
         messages = list(super().configure_train(self._global_round(server_round), arrays,
                                                 config, grid))
@@ -194,11 +193,30 @@ class MetaStrategy(FedAvg):
                 accepted.append((name, arrays, float(metrics[NUM_EXAMPLES])))
         record: dict[str, Any] = {"round": round_number, "phase": "train", "sites": sites,
                                   "accepted": len(accepted)}
+        target = None
         if len(accepted) >= self.min_sites:
-            server = self.meta_optimizer.config
             target = server_target([a for _, a, _ in accepted], [w for _, _, w in accepted],
-                                   self._current, server, sites_asked=self._sites_asked,
-                                   rng=self._noise)
+                                   self._current, self.meta_optimizer.config,
+                                   sites_asked=self._sites_asked, rng=self._noise)
+        new = self.close_round(record, target)
+        return numpy_to_arrays(new), MetricRecord({"accepted-sites": len(accepted)})
+
+    def close_round(self, record: dict[str, Any],
+                    target: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """End a training round: meta-update toward ``target``, record it, checkpoint.
+
+        ``target`` is the aggregate of the accepted updates, or ``None`` when too few
+        sites contributed (the global encoder is then kept). Both round drivers (this
+        strategy's, and secure aggregation's) end every round here.
+        """
+        assert self._current is not None, "a round starts before it closes"
+        round_number = int(record["round"])
+        if target is None:
+            log.warning("round %d: %d accepted update(s), fewer than min_sites=%d; the global "
+                        "encoder is kept", round_number, record["accepted"], self.min_sites)
+            new = self._current
+        else:
+            server = self.meta_optimizer.config
             if server.central_dp is not None:
                 dp = server.central_dp
                 record["central_epsilon"] = central_epsilon(dp.noise_multiplier, round_number,
@@ -206,14 +224,33 @@ class MetaStrategy(FedAvg):
                 record["central_delta"] = dp.delta
             new = self.meta_optimizer.step(self._current, target)
             record["update_norm"] = update_norm(new, self._current)
-        else:
-            log.warning("round %d: %d accepted update(s), fewer than min_sites=%d; the global "
-                        "encoder is kept", round_number, len(accepted), self.min_sites)
-            new = self._current
         record["seconds"] = round(time.monotonic() - self._round_started, 3)
         self.recorder.train_done(round_number, new, record)
-        summary = MetricRecord({"accepted-sites": len(accepted)})
-        return numpy_to_arrays(new), summary
+        self._current = new
+        return new
+
+    def judge_metrics(self, name: str, metric_record: Mapping[str, Any] | None
+                      ) -> tuple[str, dict[str, Any]]:
+        """The verdict on a reply's metrics: ``accepted``, ``refused`` or ``rejected``.
+
+        Both round drivers judge every reply's metrics here: unexpected metrics (a site
+        may release nothing else), a refusal (its budget is spent), a bad record count.
+        """
+        if metric_record is None or set(metric_record) - TRAIN_METRICS:
+            extra = sorted(set(metric_record or {}) - TRAIN_METRICS)
+            log.warning("rejected update from site %s: unexpected metrics %s", name, extra)
+            return "rejected", {"reason": f"unexpected metrics {extra}"}
+        metrics = dict(metric_record)
+        if metrics.get("refused"):
+            log.info("site %s refused to train: its privacy budget is spent "
+                     "(epsilon %.3f)", name, float(metrics.get("epsilon", float("nan"))))
+            return "refused", metrics
+        weight = finite_float(metrics.get(NUM_EXAMPLES))
+        if weight is None or weight <= 0:
+            log.warning("rejected update from site %s: bad record count %r", name,
+                        metrics.get(NUM_EXAMPLES))
+            return "rejected", {"reason": "bad record count"}
+        return "accepted", metrics
 
     def _judge_train_reply(self, reply: Message
                            ) -> tuple[str, dict[str, Any], dict[str, np.ndarray] | None]:
@@ -222,21 +259,9 @@ class MetaStrategy(FedAvg):
             log.warning("round update from site %s failed: %s", name, reply.error.reason)
             return "failed", {"reason": str(reply.error.reason)[:300]}, None
         content = reply.content
-        metric_record = content.metric_records.get(METRICS_KEY)
-        metrics = {k: v for k, v in (metric_record or {}).items() if k in TRAIN_METRICS}
-        if metric_record is None or set(metric_record) - TRAIN_METRICS:
-            extra = sorted(set(metric_record or {}) - TRAIN_METRICS)
-            log.warning("rejected update from site %s: unexpected metrics %s", name, extra)
-            return "rejected", {"reason": f"unexpected metrics {extra}"}, None
-        if metrics.get("refused"):
-            log.info("site %s refused to train: its privacy budget is spent "
-                     "(epsilon %.3f)", name, float(metrics.get("epsilon", float("nan"))))
-            return "refused", metrics, None
-        weight = finite_float(metrics.get(NUM_EXAMPLES))
-        if weight is None or weight <= 0:
-            log.warning("rejected update from site %s: bad record count %r", name,
-                        metrics.get(NUM_EXAMPLES))
-            return "rejected", {"reason": "bad record count"}, None
+        verdict, metrics = self.judge_metrics(name, content.metric_records.get(METRICS_KEY))
+        if verdict != "accepted":
+            return verdict, metrics, None
         if set(content.array_records) != {ARRAYS_KEY} or content.config_records:
             log.warning("rejected update from site %s: unexpected records in the reply", name)
             return "rejected", {"reason": "unexpected records"}, None
@@ -258,6 +283,11 @@ class MetaStrategy(FedAvg):
             return "rejected", {"reason": problem}, None
         return "accepted", {**metrics, "update_norm": update_norm(arrays, self._current),
                             "update_bytes": sent_bytes}, arrays
+
+    def begin_round(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Start a round from the global encoder ``arrays`` (both round drivers)."""
+        self._round_started = time.monotonic()
+        self._current = dict(arrays)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
