@@ -26,15 +26,15 @@ import pydicom
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from client.adapt import adapt, load_adapted, load_meta_model, save_adapted
-from client.predict import input_files, predict
+from client.meta_model import load_meta_model
+from client.tasks.classification_adapt import adapt, load_adapted, save_adapted
+from client.tasks.classification_predict import predict
+from medmeta.dicom_export import write_mr
 from medmeta_common.checkpoint import atomic_torch_save, checkpoint_payload
 from medmeta_common.config import DataConfig, ImageConfig, ModelConfig
+from medmeta_common.data.images import input_files
 from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
-from tests.dicom_factory import write_mr
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

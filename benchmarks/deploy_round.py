@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CLI = [sys.executable, "-m", "medmeta.cli"]
 SITES = ("site-0", "site-1", "site-2")
@@ -117,7 +116,7 @@ def bare_compute(rounds: int) -> list[float]:
     """The same local rounds, back-to-back in this process (max over the three sites)."""
     import torch
 
-    from client.rounds import RoundSettings, train_round
+    from client.round import RoundSettings, train_round
     from client.site import SiteRuntime
     from medmeta_common.config import (
         DataConfig,

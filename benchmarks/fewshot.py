@@ -31,84 +31,29 @@ import json
 import logging
 import math
 import platform
-import sys
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from scipy.ndimage import gaussian_filter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.federation import run_centralized, run_inprocess
-from client.fewshot import evaluate_fewshot
-from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig, load_config
+from medmeta.benchmarking import (
+    SCENARIOS,
+    evaluate,
+    federate,
+    scenario_data,
+    train_centralized,
+)
+from medmeta_common.config import FederationConfig, load_config
 from medmeta_common.config.typed import build
 from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmark")
-
-BLOOD_NEW = ("erythroblast", "lymphocyte", "platelet")
-SCENARIOS = ("brain-shift", "blood-new", "breast")
-WAYS = {"brain-shift": 4, "blood-new": 3, "breast": 2}
-
-
-def shifted_brain(data_dir: Path, split: str, folder: Path) -> Path:
-    """Brain slices of no training site, through a simulated scanner change (an .npz)."""
-    with np.load(data_dir / "brain_tumor_mri" / "brain_tumor_mri_64.npz") as raw:
-        classes = raw["classes"]
-        if split == "test":
-            images, labels = raw["test_images"], raw["test_labels"]
-        else:  # the third partition of the training split: no site trains on it
-            from medmeta_common.data.splits import partition_by_group
-
-            refs = [f"brain_tumor_mri_64.npz:train[{i}]" for i in range(len(raw["train_labels"]))]
-            keep = partition_by_group(refs, 3, 2, seed=0)
-            images, labels = raw["train_images"][keep], raw["train_labels"][keep]
-    rng = np.random.default_rng(0)
-    x = images.astype(np.float32) / 255.0
-    x = np.stack([gaussian_filter(img, 0.8) for img in x]) ** 0.6
-    x = np.clip(x + rng.normal(scale=0.04, size=x.shape), 0, 1)
-    path = folder / f"brain_shift_{split}.npz"
-    np.savez(path, test_images=(x * 255).astype(np.uint8), test_labels=labels, classes=classes)
-    return path
-
-
-def scenario_data(data_dir: Path, split: str, folder: Path) -> dict[str, DataConfig]:
-    """Where each held-out scenario's images are."""
-    return {
-        "brain-shift": DataConfig(path=str(shifted_brain(data_dir, split, folder)), split="test"),
-        "blood-new": DataConfig(path=str(data_dir / "pbc_blood" / "pbc_blood_5class_28.npz"),
-                                split=split, classes=BLOOD_NEW),
-        "breast": DataConfig(path=str(data_dir / "medmnist" / "breastmnist_28.npz"), split=split),
-    }
-
-
-def evaluate(encoder: torch.nn.Module, config: FederationConfig, scenarios: dict[str, Any],
-             shots: list[int], episodes: int, *, finetune_steps: int = 0,
-             finetune: str = "head", max_episodes: int | None = None) -> dict[str, dict]:
-    """Accuracy per scenario and K (same seeded episodes for every encoder)."""
-    results: dict[str, dict] = {}
-    for name, site in scenarios.items():
-        results[name] = {}
-        for k in shots:
-            fewshot = FewShotConfig(ways=WAYS[name], shots=k, queries=15,
-                                    episodes=min(episodes, max_episodes or episodes),
-                                    finetune_steps=finetune_steps)
-            r = evaluate_fewshot(encoder, site.images, site.labels, len(site.classes), fewshot,
-                                 seed=1234, device=torch.device("cpu"), finetune=finetune,
-                                 scale=config.model.cosine_scale)
-            results[name][str(k)] = {"mean": r.accuracy_mean, "ci95": r.accuracy_ci95,
-                                     "episodes": r.episodes}
-    return results
 
 
 def done_results(files: list[Path], split: str) -> dict[str, dict]:
@@ -215,7 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for noisy in ("client", "client.app", "client.site", "medmeta_common"):
+    for noisy in ("client", "medmeta", "server", "medmeta_common"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
     base = with_overrides(load_config(args.config), args.set)
@@ -257,16 +202,16 @@ def main() -> None:
                                           max_episodes=args.scratch_episodes))
         if "central" in methods and "central" not in results:
             steps = base.rounds * base.train.local_steps * len(base.sites)
-            encoder = run_centralized(replace(base, privacy=replace(base.privacy,
-                                                                    enabled=False)),
-                                      folder / "central", steps=steps, device=args.device)
+            encoder = train_centralized(replace(base, privacy=replace(base.privacy,
+                                                                      enabled=False)),
+                                        folder / "central", steps=steps, device=args.device)
             record("central", evaluate(encoder, base, scenarios, shots, episodes))
         for name, config in method_configs(base, epsilons).items():
             if name.split()[0] not in methods or name in results:
                 continue
             t0 = time.monotonic()
-            encoder, _ = run_inprocess(config, folder / name.replace(" ", "_"),
-                                       device=args.device)
+            encoder = federate(config, folder / name.replace(" ", "_"),
+                               device=args.device).encoder
             if args.save_encoders:
                 args.save_encoders.mkdir(parents=True, exist_ok=True)
                 torch.save(encoder.state_dict(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +20,10 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from medmeta.dicom_export import write_dicom_site
 from medmeta_common.config import DataConfig, ImageConfig
 from medmeta_common.data.dicom import read_dicom
 from medmeta_common.data.sources import load_site
-from tests.dicom_factory import write_dicom_site
 
 COMPRESSED = {
     "JPEG 2000 lossless (MR 64x64)": "MR_small_jp2klossless.dcm",

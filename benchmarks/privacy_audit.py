@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from client.audit import run_audit
+from client.audit import classification_mechanism
 from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.sources import load_site
+from medmeta_common.privacy.canary_audit import run_audit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +45,8 @@ def main() -> None:
     site = load_site(DataConfig(path=str(args.data), split=None), ImageConfig())
     site = site.subset(np.random.default_rng(0).permutation(len(site.labels))[:records])
     train = TrainConfig(local_steps=steps, batch_size=64, lr=0.1, augment=False)
-    common = dict(image=ImageConfig(), model=ModelConfig(), train=train, canaries=canaries,
-                  guesses_per_side=guesses)
+    mechanism = classification_mechanism(ImageConfig(), ModelConfig(), train, steps=steps,
+                                         max_grad_norm=1.0)
     print(f"# privacy audit: {args.data.name}, {records} images + {canaries} canaries, "
           f"{steps} steps, expected batch 64, {2 * guesses} guesses, 95% confidence; "
           f"torch {torch.__version__}, {platform.machine()}, 1 thread", flush=True)
@@ -59,7 +57,8 @@ def main() -> None:
     runs.append(("noise off (broken), claims ε=1", 1.0, 0.0))
     for name, claim, used in runs:
         started = time.monotonic()
-        report = run_audit(site, claimed_epsilon=claim, noise_multiplier_used=used, **common)
+        report = run_audit(site, mechanism, claimed_epsilon=claim, canaries=canaries,
+                           guesses_per_side=guesses, noise_multiplier_used=used)
         r = report.result
         verdict = "leaks (audit has power)" if claim is None else \
             ("pass" if report.passed else "FAIL: bound above claim")

@@ -2,11 +2,12 @@
 
 A five-site federation on the built-in SYNTHETIC demo (``builtin:demo/site-0`` and
 ``site-1`` each split into two patient-disjoint halves, plus ``site-2``) trains in
-process (:func:`benchmarks.federation.run_inprocess`: the site code, the server's
-update checks and aggregators, no transport). DP is off: the attacks act on the
+process (:func:`medmeta.benchmarking.federate`: the real Strategy with its update checks
+and aggregators, the real ClientApp, an in-process Grid). DP is off: the attacks act on the
 updates whatever produced them, and without DP noise a few short rounds already
 move the encoder far enough for a damaged one to show. One or two sites
-(``b1``, then ``a1``) are hostile from the first round (:mod:`benchmarks.attacks`):
+(``b1``, then ``a1``) are hostile from the first round (:mod:`medmeta.attacks`, a
+ClientApp mod at the site):
 
 - ``sign_flip``: send ``theta - 4 (theta_i - theta)``;
 - ``scale``: send ``theta + 100 (theta_i - theta)``;
@@ -34,7 +35,6 @@ import argparse
 import logging
 import math
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -45,28 +45,21 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.attacks import ATTACKS, tamper_with
-from benchmarks.federation import run_inprocess
-from client.fewshot import FewShotResult, evaluate_fewshot
-from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig
-from medmeta_common.config.typed import build
+from client.fewshot import FewShotResult
+from medmeta.attacks import ATTACKS
+from medmeta.benchmarking import (
+    HELD_OUT,
+    HELD_OUT_FEWSHOT,
+    attacked,
+    held_out_accuracy,
+    held_out_data,
+    robust_federation,
+)
+from medmeta_common.config import FederationConfig
 from medmeta_common.data.records import SiteData
-from medmeta_common.data.sources import load_site
 from medmeta_common.models.factory import build_encoder
 
 log = logging.getLogger("benchmark")
-
-# name, demo site, half (None: the whole site)
-SITES: tuple[tuple[str, str, int | None], ...] = (
-    ("a0", "site-0", 0), ("b0", "site-1", 0), ("c", "site-2", None),
-    ("a1", "site-0", 1), ("b1", "site-1", 1),
-)
-HOSTILE_ORDER = ("b1", "a1")
-HELD_OUT = "builtin:demo/site-3"
-HELD_OUT_FEWSHOT = FewShotConfig(ways=4, shots=5, queries=15, episodes=200)
-EPISODE_SEED = 1234
 
 # Aggregator variants: server settings over the plain mean. The norm bound of the
 # last one is set from the clean run (see ``norm_bound``).
@@ -77,41 +70,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "multikrum (f=1)": {"aggregator": "multikrum", "max_faulty": 1},
     "mean + norm bound": {"max_update_norm": "from the clean run"},
 }
-
-
-def federation(*, rounds: int = 4, local_steps: int = 20, dp: bool = False,
-               server: dict[str, Any] | None = None) -> FederationConfig:
-    """The five-site demo federation, with ``server`` settings over the defaults."""
-    sites = []
-    for name, demo, half in SITES:
-        data: dict[str, Any] = {"path": f"builtin:demo/{demo}", "split": None}
-        if half is not None:
-            data["partition"] = {"parts": 2, "index": half}
-        sites.append({"name": name, "data": data})
-    raw = {"name": "robust", "seed": 0, "rounds": rounds,
-           "train": {"local_steps": local_steps, "batch_size": 32, "lr": 0.03},
-           "privacy": {"enabled": dp, "epsilon": 8.0},
-           "server": {"min_sites": 2, **(server or {})}, "sites": sites}
-    return build(FederationConfig, raw, source="benchmarks/robust.py")
-
-
-def hostile_sites(count: int) -> tuple[str, ...]:
-    """The first ``count`` hostile sites (``b1``, then ``a1``)."""
-    if not 0 <= count <= len(HOSTILE_ORDER):
-        raise ValueError(f"hostile site count must be in [0, {len(HOSTILE_ORDER)}], not {count}")
-    return HOSTILE_ORDER[:count]
-
-
-def held_out_data(config: FederationConfig) -> SiteData:
-    """The held-out demo site's images, harmonised like the federation's."""
-    return load_site(DataConfig(path=HELD_OUT, split=None), config.image)
-
-
-def held_out_accuracy(encoder: torch.nn.Module, data: SiteData, *,
-                      fewshot: FewShotConfig = HELD_OUT_FEWSHOT) -> FewShotResult:
-    """Prototype few-shot accuracy on the held-out site (same seeded episodes each call)."""
-    return evaluate_fewshot(encoder, data.images, data.labels, len(data.classes), fewshot,
-                            seed=EPISODE_SEED, device=torch.device("cpu"))
 
 
 @dataclass(frozen=True)
@@ -126,11 +84,11 @@ class Case:
 def run_case(config: FederationConfig, data: SiteData, attack: str | None, count: int,
              workdir: Path) -> Case:
     """Train ``config`` with ``count`` sites sending ``attack`` (``None``: all honest)."""
-    tamper = tamper_with({s: attack for s in hostile_sites(count)}) if attack else None
     started = time.process_time()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        encoder, history = run_inprocess(config, Path(tmp), tamper=tamper)
-    return Case(held_out_accuracy(encoder, data), history, time.process_time() - started)
+        run = attacked(config, Path(tmp) / "run", attack, count)
+    return Case(held_out_accuracy(run.encoder, data), run.rounds,
+                time.process_time() - started)
 
 
 def paired_difference(a: FewShotResult, b: FewShotResult) -> tuple[float, float]:
@@ -179,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for noisy in ("client", "client.rounds", "client.site", "medmeta_common", "benchmarks"):
+    for noisy in ("client", "medmeta", "server", "medmeta_common", "benchmark"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     torch.set_num_threads(1)
 
@@ -192,7 +150,7 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    base = federation(rounds=rounds, local_steps=steps, dp=args.dp)
+    base = robust_federation(rounds=rounds, local_steps=steps, dp=args.dp)
     data = held_out_data(base)
     print(f"# hostile updates: 5 sites, rounds={rounds}, local_steps={steps}, "
           f"dp={'on (epsilon 8)' if args.dp else 'off'}, held-out {HELD_OUT} "

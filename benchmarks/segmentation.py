@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -31,12 +30,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.federation import run_inprocess
-from client.segmentation import evaluate_fewshot_segmentation
-from medmeta_common.config import load_config
-from medmeta_common.data.segmentation import load_segmentation
+from client.tasks.segmentation import evaluate_fewshot_segmentation
+from medmeta.benchmarking import federate
+from medmeta_common.config import DataConfig, load_config
+from medmeta_common.data.sources import load_segmentation
 from medmeta_common.models.factory import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +64,8 @@ def main() -> None:
     classification_only = replace(config, sites=tuple(s for s in config.sites
                                                       if s.task == "classification"),
                                   server=replace(config.server, min_sites=2))
-    held_out = load_segmentation(args.held_out, config.image)
-    print(f"# few-shot segmentation: held-out {args.held_out.name} ({len(held_out.masks)} slices), "
+    held_out = load_segmentation(DataConfig(path=str(args.held_out), split=None), config.image)
+    print(f"# few-shot segmentation: held-out {args.held_out.name} ({len(held_out)} slices), "
           f"federations of {config.rounds} rounds x {config.train.local_steps} steps, "
           f"epsilon {config.privacy.epsilon:g}; {episodes} episodes, {steps} adaptation steps; "
           f"torch {torch.__version__}, {platform.machine()}, 1 thread", flush=True)
@@ -77,7 +74,7 @@ def main() -> None:
         for name, federation in (("(b) classification", classification_only),
                                  ("(c) multi-task", config)):
             started = time.monotonic()
-            encoders[name], _ = run_inprocess(federation, Path(tmp) / name[:3])
+            encoders[name] = federate(federation, Path(tmp) / name[:3]).encoder
             print(f"{name} federation trained in {time.monotonic() - started:.0f} s",
                   flush=True)
     print("| encoder | adapted | K=1 Dice | K=5 Dice | K=1 Dice, foreground slices | "

@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from client.train import DPSettings, train_cosine
+from client.round import local_training
+from client.tasks import get_task
 from medmeta_common.config import ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.records import SiteData
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from medmeta_common.privacy.dp_sgd import DPSettings
 
 
 def site(n: int, size: int, classes: int) -> SiteData:
@@ -39,15 +37,17 @@ def timed(data: SiteData, args: argparse.Namespace, dp: DPSettings | None) -> fl
     image = ImageConfig(size=args.size)
     encoder = build_encoder(ModelConfig(preset=args.preset), image, seed=0)
     model = EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, len(data.classes)))
-    rate = args.batch / len(data)
     train = TrainConfig(local_steps=args.steps, batch_size=args.batch, augment=False)
     device = torch.device(args.device)
     warm = TrainConfig(local_steps=3, batch_size=args.batch, augment=False)
-    train_cosine(model, data, warm, dp=dp, sample_rate=rate, seed=1, device=device, amp=args.amp)
+    task = get_task("classification")
+    local_training(task, model, data, warm, dp=dp, seed=1, device=device, amp=args.amp,
+                   units=None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    train_cosine(model, data, train, dp=dp, sample_rate=rate, seed=2, device=device, amp=args.amp)
+    local_training(task, model, data, train, dp=dp, seed=2, device=device, amp=args.amp,
+                   units=None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / args.steps

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -29,10 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.federation import run_inprocess
-from benchmarks.fewshot import evaluate, scenario_data
+from medmeta.benchmarking import evaluate, federate, scenario_data
 from medmeta_common.config import load_config
 from medmeta_common.data.sources import load_site
 
@@ -75,7 +71,8 @@ def main() -> None:
         for index, encoding in enumerate(runs):
             started = time.monotonic()
             config = replace(base, server=replace(base.server, update_encoding=encoding))
-            encoder, history = run_inprocess(config, folder / f"run-{index}")
+            run = federate(config, folder / f"run-{index}")
+            encoder, history = run.encoder, run.rounds
             sent = [s["update_bytes"] for r in history for s in r["sites"].values()
                     if "update_bytes" in s]
             per_site = sum(sent) / len(sent)

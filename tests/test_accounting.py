@@ -8,12 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus import GradSampleModule
 from opacus.accountants.analysis.rdp import compute_rdp
-from opacus.optimizers import DPOptimizer
 
 from medmeta_common.privacy import grad_samplers  # noqa: F401 - our per-sample rules
 from medmeta_common.privacy.accounting import ALPHAS, calibrate_noise, epsilon_of
+from medmeta_common.privacy.dp_sgd import DPSettings, make_private
 
 
 def rdp_sampled_gaussian_integer(q: float, sigma: float, alpha: int) -> float:
@@ -87,24 +86,30 @@ def test_orders_cover_short_runs() -> None:
     assert epsilon_of([(1.0, 0.05, 6)], 1e-5) < 2.5
 
 
-def test_added_noise_has_the_stated_scale() -> None:
-    """With zero gradients, what DPOptimizer adds is pure noise: sd = sigma * C / E[B]."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(1000, 200)
-    gsm = GradSampleModule(model, loss_reduction="sum")
+def test_added_noise_has_the_stated_scale_and_is_unpredictable() -> None:
+    """Our DP wiring (make_private): with zero gradients the step is pure noise of
+    sd = sigma * C / E[B], drawn from OS entropy (two runs never agree)."""
     sigma, clip, expected = 1.3, 0.7, 32.0
-    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=sigma,
-                            max_grad_norm=clip, expected_batch_size=expected)
-    (gsm(torch.randn(16, 1000)) * 0).sum().backward()
-    optimizer.pre_step()
-    sample = torch.cat([p.grad.flatten() for p in model.parameters()])  # 200,200 values
-    assert float(sample.mean()) == pytest.approx(0, abs=0.002)
-    assert float(sample.std()) == pytest.approx(sigma * clip / expected, rel=0.01)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(1000, 200)
+        gsm, optimizer = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                      DPSettings(sigma, 0.1, clip), expected,
+                                      torch.device("cpu"))
+        (gsm(torch.randn(16, 1000)) * 0).sum().backward()
+        optimizer.pre_step()
+        draws.append(torch.cat([p.grad.flatten() for p in model.parameters()]))  # 200,200
+        gsm.to_standard_module()
+    for sample in draws:
+        assert float(sample.mean()) == pytest.approx(0, abs=0.002)
+        assert float(sample.std()) == pytest.approx(sigma * clip / expected, rel=0.01)
+    assert not torch.equal(draws[0], draws[1])
 
 
 def test_every_parameter_is_clipped_including_scalars() -> None:
-    """Per-sample gradients exist for every trainable tensor (a 0-d one too), and the
-    clipped per-record contributions never exceed the bound."""
+    """Under our DP wiring, per-sample gradients exist for every trainable tensor (a 0-d
+    one too), and the clipped per-record contributions never exceed the bound."""
 
     class Scaled(torch.nn.Module):
         def __init__(self) -> None:
@@ -115,15 +120,20 @@ def test_every_parameter_is_clipped_including_scalars() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.linear(x) * self.temperature
 
+    torch.manual_seed(0)
     model = Scaled()
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
-                            max_grad_norm=0.1, expected_batch_size=1)
-    x = torch.randn(5, 8) * 50
-    torch.nn.functional.cross_entropy(gsm(x), torch.tensor([0, 1, 2, 0, 1]),
-                                      reduction="sum").backward()
+    gsm, optimizer = make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                  DPSettings(0.0, 1.0, 0.1), 1.0, torch.device("cpu"))
+    # Five copies of one record labelled with its least likely class: five equal, large
+    # per-record gradients, so their clipped sum is exactly five times the bound.
+    x = (torch.randn(1, 8) * 50).repeat(5, 1)
+    with torch.no_grad():
+        wrong = model(x).argmin(dim=1)
+    torch.nn.functional.cross_entropy(gsm(x), wrong, reduction="sum").backward()
     assert all(p.grad_sample is not None and p.grad_sample.shape[0] == 5
                for p in model.parameters())
+    unclipped = torch.sqrt(sum((p.grad_sample[0] ** 2).sum() for p in model.parameters()))
+    assert float(unclipped) > 1.0  # each record's own gradient is far above the bound
     optimizer.pre_step()
     total = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
-    assert float(total) <= 5 * 0.1 + 1e-5  # five records, each clipped to 0.1
+    assert float(total) == pytest.approx(5 * 0.1, rel=1e-4)

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medmeta.dicom_export import write_mr
 from medmeta_common.checkpoint import checkpoint_payload
 from medmeta_common.config import ImageConfig, ModelConfig
 from medmeta_common.errors import CheckpointError
 from medmeta_common.models.factory import build_encoder
 from server.state import RunState
 from tests.conftest import ROOT
-from tests.dicom_factory import write_mr
 
 CLI = [sys.executable, "-m", "medmeta.cli"]
 

@@ -10,8 +10,8 @@ import pytest
 from medmeta_common.config import CentralDPConfig, MetaUpdateConfig
 from medmeta_common.config.typed import build
 from medmeta_common.errors import ConfigError
-from server.aggregation import server_target
 from medmeta_common.privacy.central_dp import central_epsilon, clip_update, noisy_mean_update
+from server.aggregation import server_target
 
 
 def state(value: float, size: int = 1000) -> dict[str, np.ndarray]:

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from client.fewshot import evaluate_fewshot, finetune_all
-from client.train import DPSettings, train_cosine
+from client.round import local_training
+from client.tasks import get_task
 from medmeta_common.config import DataConfig, FewShotConfig, ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.sources import load_site
 from medmeta_common.device import pick_device
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from medmeta_common.privacy.dp_sgd import DPSettings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
@@ -37,9 +39,11 @@ def test_dp_training_on_cuda(amp: bool) -> None:
     encoder = build_encoder(ModelConfig(), IMAGE, seed=0)
     model = EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, len(site.classes)))
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train_cosine(model, site, TrainConfig(local_steps=10, batch_size=32),
-                         dp=DPSettings(1.0, 0.1, 1.0), sample_rate=0.1, seed=0,
-                         device=torch.device("cuda"), amp=amp)
+    task = get_task("classification")
+    train = TrainConfig(local_steps=10, batch_size=32)
+    rate = task.sampling(site, train).rate
+    stats = local_training(task, model, site, train, dp=DPSettings(1.0, rate, 1.0), seed=0,
+                           device=torch.device("cuda"), amp=amp, units=None)
     assert stats.steps == 10
     after = list(model.parameters())
     assert all(p.device.type == "cuda" and torch.isfinite(p).all() for p in after)

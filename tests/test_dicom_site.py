@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medmeta.dicom_export import IDENTIFYING, write_dicom_site
 from medmeta_common.config import DataConfig, ImageConfig
 from medmeta_common.data.sources import load_site, read_raw
 from medmeta_common.errors import DataError
-from tests.dicom_factory import IDENTIFYING, write_dicom_site
 
 CLI = [sys.executable, "-m", "medmeta.cli"]
 PER_CLASS = 12

@@ -1,18 +1,22 @@
-"""The DP loss is a sum of per-record terms: checked on Opacus' per-sample gradients."""
+"""The DP loss is a sum of per-record terms: checked on Opacus' per-sample gradients.
+
+Synthetic tensors suffice for the oracles (the property is about the loss and the
+layers, not the pixels), so these tests run without ``../shared/data``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.train import DPSettings, episode_loss, train_cosine
-from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
-from medmeta_common.data.sources import load_site
+from client.tasks.classification import episode_loss, rotate_by
+from medmeta_common.config import ImageConfig, ModelConfig
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from medmeta_common.privacy.dp_sgd import BatchLoss, DPSettings, merge_rows, train_steps
+from medmeta_common.privacy.sampling import Draw, PoissonSampler
 
 
 def model(seed: int = 0, standardized: bool = False) -> EncoderWithHead:
@@ -22,61 +26,55 @@ def model(seed: int = 0, standardized: bool = False) -> EncoderWithHead:
     return EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, 4))
 
 
-def real_batch(brain_npz: Path, per_class: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real brain-MRI slices, ``per_class`` of each of the 4 classes, interleaved."""
-    site = load_site(DataConfig(path=str(brain_npz), split="test"), ImageConfig(size=32))
-    index = np.stack([np.flatnonzero(site.labels == c)[:per_class] for c in range(4)], 1).ravel()
-    return torch.from_numpy(site.images[index]), torch.from_numpy(site.labels[index])
+def batch(per_class: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random images, ``per_class`` of each of 4 classes, interleaved."""
+    generator = torch.Generator().manual_seed(7)
+    coarse = torch.randn(4 * per_class, 1, 8, 8, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear")
+    return images, torch.arange(4 * per_class) % 4
 
 
-def test_weight_standardized_encoder_per_sample_gradients(brain_npz: Path) -> None:
-    """Our Opacus rule for standardised convolutions matches single-record gradients."""
-    import medmeta_common.privacy.grad_samplers  # noqa: F401
-    images, labels = real_batch(brain_npz, per_class=2)
-    classes = np.unique(labels.numpy())
-    samples = per_sample_grads(model(standardized=True), images, labels, classes)
-    for i in (1, 6):
-        single = model(standardized=True)
-        single.zero_grad()
-        episode_loss(single(images[i : i + 1]), classes, labels[i : i + 1]).backward()
-        for sample, param in zip(samples, single.parameters(), strict=True):
-            torch.testing.assert_close(sample[i], param.grad, rtol=1e-4, atol=1e-5)
-
-
-def per_sample_grads(net: EncoderWithHead, images: torch.Tensor, labels: torch.Tensor,
+def per_sample_grads(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      classes: np.ndarray) -> list[torch.Tensor]:
     gsm = GradSampleModule(net, loss_reduction="sum")
     net.zero_grad()
     episode_loss(gsm(images), classes, labels).backward()
     grads = [p.grad_sample.detach().clone() for p in net.parameters()]
-    gsm._close()
+    gsm.to_standard_module()
     return grads
 
 
-def test_per_sample_gradients_sum_to_the_batch_gradient(brain_npz: Path) -> None:
-    images, labels = real_batch(brain_npz)
-    classes = np.unique(labels.numpy())
-    assert len(classes) == 4
-    net = model()
-    samples = per_sample_grads(net, images, labels, classes)
+def single_grads(net: torch.nn.Module, image: torch.Tensor, label: torch.Tensor,
+                 classes: np.ndarray) -> list[torch.Tensor]:
+    net.zero_grad()
+    episode_loss(net(image[None]), classes, label[None]).backward()
+    return [p.grad.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("standardized", [False, True])
+def test_per_sample_gradients_are_the_gradients_of_each_record_alone(standardized: bool) -> None:
+    """The oracle: record i's per-sample gradient is the gradient of record i alone
+    (for weight-standardised convolutions this checks our own Opacus rule)."""
+    import medmeta_common.privacy.grad_samplers  # noqa: F401 - registers our rule
+
+    images, labels = batch()
+    classes = np.arange(4)
+    samples = per_sample_grads(model(standardized=standardized), images, labels, classes)
     assert all(float(s.abs().sum()) > 0 for s in samples)
-    reference = model()
+    for i in (0, 5, 11):
+        alone = single_grads(model(standardized=standardized), images[i], labels[i], classes)
+        for sample, grad in zip(samples, alone, strict=True):
+            torch.testing.assert_close(sample[i], grad, rtol=1e-4, atol=1e-5)
+    reference = model(standardized=standardized)
     reference.zero_grad()
     episode_loss(reference(images), classes, labels).backward()
     for sample, param in zip(samples, reference.parameters(), strict=True):
         torch.testing.assert_close(sample.sum(0), param.grad, rtol=1e-4, atol=1e-5)
-    # ...and each per-sample gradient is the gradient of that record alone (the oracle).
-    for i in (0, 5):
-        single = model()
-        single.zero_grad()
-        episode_loss(single(images[i : i + 1]), classes, labels[i : i + 1]).backward()
-        for sample, param in zip(samples, single.parameters(), strict=True):
-            torch.testing.assert_close(sample[i], param.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_changing_one_record_changes_only_its_gradient(brain_npz: Path) -> None:
-    images, labels = real_batch(brain_npz)
-    classes = np.unique(labels.numpy())
+def test_changing_one_record_changes_only_its_gradient() -> None:
+    images, labels = batch()
+    classes = np.arange(4)
     before = per_sample_grads(model(), images, labels, classes)
     changed = images.clone()
     changed[3] = torch.flip(changed[3], dims=[-1]) * 2.0 + 0.5
@@ -87,35 +85,44 @@ def test_changing_one_record_changes_only_its_gradient(brain_npz: Path) -> None:
     assert any(not torch.allclose(b[3], a[3]) for b, a in zip(before, after, strict=True))
 
 
-def test_dp_round_runs_with_empty_batches(brain_npz: Path) -> None:
-    site = load_site(DataConfig(path=str(brain_npz), split="test"), ImageConfig(size=32))
-    site = site.subset(np.arange(40))
+def empty_steps(noise: float) -> list[bool]:
+    """Which parameters moved in 3 DP steps whose Poisson batches are all empty."""
     net = model()
-    start = [p.detach().clone() for p in net.encoder.parameters()]
-    stats = train_cosine(net, site, TrainConfig(local_steps=5, batch_size=1, augment=True),
-                         dp=DPSettings(noise_multiplier=1.0, sample_rate=0.02, max_grad_norm=1.0),
-                         sample_rate=0.02, seed=0, device=torch.device("cpu"))
-    assert stats.steps == 5
-    moved = [not torch.equal(a, b) for a, b in zip(start, net.encoder.parameters(), strict=True)]
-    assert all(moved)  # noise reaches every parameter, even in empty steps
-    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
-                   for p in net.parameters())
+    images, labels = batch()
+    rate = 1e-12  # no record is ever drawn: every step is the noise-only step
+    sampler = PoissonSampler(len(labels), sample_rate=rate, rng=np.random.default_rng(0),
+                             labels=labels.numpy(), n_classes=4, ways=4)
+
+    def loss(trained: torch.nn.Module, draw: Draw) -> BatchLoss:
+        assert draw.classes is not None and len(draw.index) == 0
+        return BatchLoss(episode_loss(trained(images[draw.index]), draw.classes,
+                                      labels[draw.index]), 0)
+
+    start = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    train_steps(net, optimizer, sampler, loss, steps=3, dp=DPSettings(noise, rate, 1.0),
+                device=torch.device("cpu"))
+    assert not any(getattr(p, "grad_sample", None) is not None for p in net.parameters())
+    return [not torch.equal(a, b) for a, b in zip(start, net.parameters(), strict=True)]
 
 
-def test_views_of_a_record_merge_into_one_per_record_gradient(brain_npz: Path) -> None:
+def test_empty_batches_take_the_noise_step_on_every_parameter() -> None:
+    assert all(empty_steps(noise=1.0))  # noise reaches every parameter...
+    assert not any(empty_steps(noise=0.0))  # ...and it is the noise that moves them
+
+
+def test_views_of_a_record_merge_into_one_per_record_gradient() -> None:
     """Augmentation multiplicity and rotation views: one gradient per record, then clip."""
-    from client.train import _merge_rows, rotate_by
-
-    images, labels = real_batch(brain_npz, per_class=2)
-    classes = np.unique(labels.numpy())
+    images, labels = batch(per_class=2)
+    classes = np.arange(4)
     views = 4
-    batch = images.repeat_interleave(views, dim=0)
-    turns = torch.arange(len(batch)) % 4
-    batch = rotate_by(batch, turns)
+    rows = images.repeat_interleave(views, dim=0)
+    turns = torch.arange(len(rows)) % 4
+    rows = rotate_by(rows, turns)
 
-    def loss(net: EncoderWithHead, rows: torch.Tensor, row_labels: torch.Tensor,
+    def loss(net: EncoderWithHead, x: torch.Tensor, row_labels: torch.Tensor,
              row_turns: torch.Tensor) -> torch.Tensor:
-        logits, rotation = net(rows)
+        logits, rotation = net(x)
         return (episode_loss(logits, classes, row_labels)
                 + torch.nn.functional.cross_entropy(rotation, row_turns, reduction="sum")) / views
 
@@ -127,15 +134,15 @@ def test_views_of_a_record_merge_into_one_per_record_gradient(brain_npz: Path) -
 
     net = with_rotation()
     gsm = GradSampleModule(net, loss_reduction="sum")
-    loss(gsm, batch, labels.repeat_interleave(views), turns).backward()
-    _merge_rows(net, torch.arange(len(images)).repeat_interleave(views), len(images))
+    loss(gsm, rows, labels.repeat_interleave(views), turns).backward()  # type: ignore[arg-type]
+    merge_rows(net, torch.arange(len(images)).repeat_interleave(views), len(images))
     merged = [p.grad_sample.detach().clone() for p in net.parameters()]
-    gsm._close()
+    gsm.to_standard_module()
     assert all(m.shape[0] == len(images) for m in merged)
     for i in (0, 5):  # oracle: record i's four views alone
         single = with_rotation()
         single.zero_grad()
-        rows = slice(i * views, (i + 1) * views)
-        loss(single, batch[rows], labels[i].repeat(views), turns[rows]).backward()
+        mine = slice(i * views, (i + 1) * views)
+        loss(single, rows[mine], labels[i].repeat(views), turns[mine]).backward()
         for m, p in zip(merged, single.parameters(), strict=True):
             torch.testing.assert_close(m[i], p.grad, rtol=1e-4, atol=1e-5)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medmeta_common.episodes import PoissonEpisodeSampler, sample_episode
+from medmeta_common.episodes import sample_episode
 from medmeta_common.errors import DataError
+from medmeta_common.privacy.sampling import PoissonSampler
 
 
 def test_episode_shape_and_disjoint_support_query() -> None:
@@ -39,12 +40,13 @@ def test_poisson_inclusion_rate_matches_stated_rate() -> None:
     """Conditional on its class being drawn, each record is included with probability q."""
     labels = np.repeat(np.arange(5), [40, 60, 20, 80, 50])
     q, steps = 0.1, 4000
-    sampler = PoissonEpisodeSampler(labels, n_classes=5, ways=2, sample_rate=q,
-                                    rng=np.random.default_rng(0))
+    sampler = PoissonSampler(len(labels), labels=labels, n_classes=5, ways=2, sample_rate=q,
+                             rng=np.random.default_rng(0))
     included = np.zeros(len(labels))
     eligible = np.zeros(len(labels))
     for _ in range(steps):
-        classes, batch = sampler.sample()
+        draw = sampler.sample()
+        classes, batch = draw.classes, draw.index
         eligible[np.isin(labels, classes)] += 1
         included[batch] += 1
         assert np.isin(labels[batch], classes).all()
@@ -59,25 +61,23 @@ def test_poisson_inclusion_rate_matches_stated_rate() -> None:
 
 def test_classes_are_drawn_uniformly_whatever_the_data() -> None:
     labels = np.repeat(np.arange(4), [1, 1, 1, 500])  # class sizes must not matter
-    sampler = PoissonEpisodeSampler(labels, n_classes=4, ways=1, sample_rate=0.5,
-                                    rng=np.random.default_rng(3))
-    counts = np.bincount([sampler.sample()[0][0] for _ in range(4000)], minlength=4)
+    sampler = PoissonSampler(len(labels), labels=labels, n_classes=4, ways=1, sample_rate=0.5,
+                             rng=np.random.default_rng(3))
+    counts = np.bincount([sampler.sample().classes[0] for _ in range(4000)],  # type: ignore[index]
+                         minlength=4)
     assert np.abs(counts / 4000 - 0.25).max() < 0.03
 
 
 def test_all_ways_is_plain_poisson_sampling_and_can_be_empty() -> None:
-    labels = np.zeros(5, dtype=int)
-    sampler = PoissonEpisodeSampler(labels, n_classes=1, ways=1, sample_rate=0.05,
-                                    rng=np.random.default_rng(0))
-    sizes = [len(sampler.sample()[1]) for _ in range(500)]
+    sampler = PoissonSampler(5, sample_rate=0.05, rng=np.random.default_rng(0))
+    sizes = [len(sampler.sample().index) for _ in range(500)]
     assert 0 in sizes  # empty batches happen and must be handled by training
     assert np.mean(sizes) == pytest.approx(sampler.expected_batch_size(), abs=0.1)
 
 
 def test_sampler_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="sample_rate"):
-        PoissonEpisodeSampler(np.zeros(3, int), n_classes=1, ways=1, sample_rate=0,
-                              rng=np.random.default_rng(0))
+        PoissonSampler(3, sample_rate=0, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="ways"):
-        PoissonEpisodeSampler(np.zeros(3, int), n_classes=1, ways=2, sample_rate=0.1,
-                              rng=np.random.default_rng(0))
+        PoissonSampler(3, labels=np.zeros(3, int), n_classes=1, ways=2, sample_rate=0.1,
+                       rng=np.random.default_rng(0))

@@ -1,4 +1,4 @@
-"""End to end in Flower's simulation engine: real sites, real Opacus, real messages.
+"""End to end through the real Strategy and ClientApp: real sites, real Opacus, real messages.
 
 One federation of four real-data sites runs two rounds (module fixture); the tests
 then inspect every message the sites sent, the checkpoints, the ledgers, a site that
@@ -18,7 +18,7 @@ import pytest
 from flwr.app import Context, Message
 
 from client.site import site_splits
-from client.train import sample_rate_for
+from client.tasks.classification import poisson_rate_for
 from medmeta.simulate import SimulatedSites, run_simulation
 from medmeta_common.config import load_config
 from medmeta_common.models.factory import build_encoder
@@ -27,7 +27,6 @@ from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS, layout_of
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
-from tests.recorded_simulation import simulate_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +70,7 @@ def frugal_budget_for_one_round(tmp: Path) -> float:
     config = load_config(probe)
     site = SimulatedSites(config, tmp)(Context(0, 0, {"partition-id": 3}, {}, {}))  # type: ignore[arg-type]
     train = site_splits(site, config.image, config.seed).train
-    rate = sample_rate_for(config.train, len(train), len(train.classes))
+    rate = poisson_rate_for(config.train, len(train), len(train.classes))
     delta = default_delta(len(train))
     steps = config.train.local_steps
     one, two = (epsilon_of([(1.0, rate, k * steps)], delta) for k in (1, 2))
@@ -87,7 +86,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     config_path.write_text(CONFIG.format(data=SHARED_DATA, frugal_budget=budget))
     config = load_config(config_path)
     out = tmp / "run"
-    replies = simulate_recorded(config, out, SimulatedSites(config, out))
+    replies = run_simulation(config, out).replies
     return Run(config_path, out, replies, budget)
 
 

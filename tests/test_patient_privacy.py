@@ -8,23 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import DPSettings, train_cosine
+from client.round import local_training
+from client.tasks import get_task
 from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
-from medmeta_common.episodes import PoissonEpisodeSampler
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from medmeta_common.privacy.dp_sgd import DPSettings
+from medmeta_common.privacy.sampling import PoissonSampler
 
 
 def test_patients_are_sampled_whole_at_the_stated_rate() -> None:
     groups = np.repeat([f"p{i}" for i in range(60)], np.arange(60) % 7 + 1)
     labels = np.arange(len(groups)) % 3
-    sampler = PoissonEpisodeSampler(labels, n_classes=3, ways=3, sample_rate=0.2,
-                                    rng=np.random.default_rng(0), groups=groups)
+    sampler = PoissonSampler(len(labels), labels=labels, n_classes=3, ways=3, sample_rate=0.2,
+                             rng=np.random.default_rng(0), units=groups)
     hits = np.zeros(60)
     for _ in range(3000):
-        _, index = sampler.sample()
+        index = sampler.sample().index
         present = np.unique(groups[index])
         for patient in present:  # all of a sampled patient's records come together
             assert (groups[index] == patient).sum() == (groups == patient).sum()
@@ -48,10 +50,12 @@ def update_sum_norm(site: SiteData, unit: str, clip: float) -> float:
     model = EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, 2))
     before = [p.detach().clone() for p in model.parameters()]
     site = SiteData(site.images, site.labels, ("only", "other"), site.groups, site.refs)
-    train_cosine(model, site, TrainConfig(local_steps=1, ways=2, lr=1.0, momentum=0.0,
-                                          augment=False),
-                 dp=DPSettings(0.0, 1.0, clip, unit), sample_rate=1.0, seed=0,
-                 device=torch.device("cpu"))
+    train = TrainConfig(local_steps=1, ways=2, batch_size=len(site), lr=1.0, momentum=0.0,
+                        augment=False)
+    units = get_task("classification").privacy_units(site, unit, source="test")
+    local_training(get_task("classification"), model, site, train,
+                   dp=DPSettings(0.0, 1.0, clip, unit), seed=0, device=torch.device("cpu"),
+                   amp=False, units=units)
     delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum()
                            for p, b in zip(model.parameters(), before, strict=True)))
     units = len(np.unique(site.groups)) if unit == "patient" else len(site.labels)

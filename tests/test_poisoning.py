@@ -1,4 +1,7 @@
-"""Hostile and broken sites in a five-site in-process federation (the built-in demo).
+"""Hostile and broken sites in a five-site federation (the built-in demo), real server checks.
+
+The hostile sites are ClientApp mods (:mod:`medmeta.attacks`) that replace what the
+site sends; the real Strategy screens and aggregates it.
 
 The promise, measured at the held-out demo site (4-way 5-shot prototypes, 200 seeded
 episodes) after 4 rounds of 20 local steps, DP off (see ``benchmarks/robust.py``):
@@ -23,15 +26,16 @@ from typing import Literal
 
 import pytest
 
-from benchmarks.attacks import tamper_with
-from benchmarks.federation import run_inprocess
-from benchmarks.robust import (
-    Case,
-    federation,
+from client.fewshot import FewShotResult
+from medmeta.attacks import hostile_site
+from medmeta.benchmarking import (
+    Federated,
+    attacked,
+    federate,
     held_out_accuracy,
     held_out_data,
     hostile_sites,
-    run_case,
+    robust_federation,
 )
 from medmeta_common.data.records import SiteData
 
@@ -46,19 +50,21 @@ class Runs:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.base = federation(rounds=4, local_steps=20)
+        self.base = robust_federation(rounds=4, local_steps=20)
         self.data: SiteData = held_out_data(self.base)
-        self._cases: dict[tuple[str, str | None, int], Case] = {}
+        self._cases: dict[tuple[str, str | None, int], tuple[Federated, FewShotResult]] = {}
 
-    def case(self, aggregator: Aggregator, attack: str | None, count: int) -> Case:
+    def case(self, aggregator: Aggregator, attack: str | None,
+             count: int) -> tuple[Federated, FewShotResult]:
         key = (aggregator, attack, count)
         if key not in self._cases:
             config = replace(self.base, server=replace(self.base.server, aggregator=aggregator))
-            self._cases[key] = run_case(config, self.data, attack, count, self.workdir)
+            run = attacked(config, self.workdir / "-".join(map(str, key)), attack, count)
+            self._cases[key] = (run, held_out_accuracy(run.encoder, self.data))
         return self._cases[key]
 
     def accuracy(self, aggregator: Aggregator, attack: str | None, count: int) -> float:
-        return 100 * self.case(aggregator, attack, count).result.accuracy_mean
+        return 100 * self.case(aggregator, attack, count)[1].accuracy_mean
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +82,8 @@ def test_median_stays_near_the_clean_runs(runs: Runs, attack: str, count: int) -
                f"{clean_median:.1f}%, mean {clean_mean:.1f}%")
     assert attacked >= clean_mean - BOUND, summary
     assert attacked >= clean_median - BOUND, summary
-    case = runs.case("median", attack, count)
-    assert all(r["accepted"] == 5 for r in case.history)  # robust by aggregation, not checks
+    run, _ = runs.case("median", attack, count)
+    assert all(r["accepted"] == 5 for r in run.rounds)  # robust by aggregation, not checks
 
 
 @pytest.mark.parametrize(("attack", "count"), [("sign_flip", 2), ("scale", 1)])
@@ -90,11 +96,11 @@ def test_plain_mean_is_damaged(runs: Runs, attack: str, count: int) -> None:
 
 def test_nan_and_long_updates_are_rejected_by_name(
         runs: Runs, caplog: pytest.LogCaptureFixture) -> None:
-    config = federation(rounds=1, local_steps=2, server={"max_update_norm": 5.0})
-    tamper = tamper_with({"b1": "nan", "a1": "scale"})
-    with caplog.at_level(logging.WARNING, logger="benchmark"):
-        encoder, history = run_inprocess(config, runs.workdir / "rejections", tamper=tamper)
-    sites = history[0]["sites"]
+    config = robust_federation(rounds=1, local_steps=2, server={"max_update_norm": 5.0})
+    mods = {"b1": [hostile_site("nan")], "a1": [hostile_site("scale")]}
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        run = federate(config, runs.workdir / "rejections", mods=mods)
+    sites = run.rounds[0]["sites"]
     assert sites["b1"]["status"] == "rejected"
     assert sites["b1"]["reason"].endswith("holds NaN or infinite values")
     assert sites["a1"]["status"] == "rejected"
@@ -103,7 +109,7 @@ def test_nan_and_long_updates_are_rejected_by_name(
     assert max(sites[n]["update_norm"] for n in ("a0", "b0", "c")) < 5.0
     assert "rejected update from site b1:" in caplog.text
     assert "rejected update from site a1: update norm" in caplog.text
-    assert held_out_accuracy(encoder, runs.data).accuracy_mean > 0.25  # a usable encoder
+    assert held_out_accuracy(run.encoder, runs.data).accuracy_mean > 0.25  # a usable encoder
 
 
 def test_hostile_sites_are_the_last_two() -> None:

@@ -1,4 +1,4 @@
-"""Secure aggregation (Flower's SecAgg+) in the real simulation engine, on real data.
+"""Secure aggregation (Flower's SecAgg+) through the real Strategy and ClientApp, on real data.
 
 The same federation round is run with plain and with secure aggregation (DP off, so
 that the sites' training is reproducible and the two can be compared): the secure
@@ -16,15 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message
+from flwr.app import Message
 
-from medmeta.simulate import SimulatedSites
+from medmeta.simulate import run_simulation
 from medmeta_common.config import FederationConfig, load_config
 from medmeta_common.errors import ConfigError
 from medmeta_common.protocol import TRAIN_METRICS
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
-from tests.recorded_simulation import simulate_recorded
 
 CONFIG = """
 name: secagg
@@ -54,24 +53,15 @@ def write_config(tmp: Path, name: str, *, secure: bool, threshold: float = 0.67,
     return dataclasses.replace(config, sites=tuple(s for s in config.sites if s.name in sites))
 
 
-@dataclasses.dataclass
-class DeadSite:
-    """The sites of ``config``, with ``dead`` losing its data: it fails when asked to train."""
-
-    sites: SimulatedSites
-    dead: str | None
-
-    def __call__(self, context: Context) -> Any:
-        site = self.sites(context)
-        if site.name == self.dead:
-            missing = dataclasses.replace(site.data, path=str(site.state_dir / "gone.npz"))
-            return dataclasses.replace(site, data=missing)
-        return site
-
-
 def simulate(config: FederationConfig, out: Path, *, dead: str | None = None
              ) -> list[Message]:
-    return simulate_recorded(config, out, DeadSite(SimulatedSites(config, out), dead))
+    """Run ``config``; the ``dead`` site has lost its data: it fails when asked to train."""
+    if dead is not None:
+        sites = tuple(dataclasses.replace(s, data=dataclasses.replace(
+            s.data, path=str(out.parent / "gone.npz"))) if s.name == dead else s
+            for s in config.sites)
+        config = dataclasses.replace(config, sites=sites)
+    return run_simulation(config, out).replies
 
 
 def encoder_of(out: Path) -> dict[str, np.ndarray]:

@@ -10,22 +10,30 @@ import torch
 from opacus import GradSampleModule
 from PIL import Image
 
-from client.segmentation import (
+from client.round import local_training
+from client.tasks import get_task
+from client.tasks.segmentation import (
     dice_per_image,
     evaluate_fewshot_segmentation,
     per_image_loss,
-    train_segmenter,
 )
-from client.train import DPSettings
-from medmeta_common.config import ImageConfig, ModelConfig
-from medmeta_common.data.segmentation import load_segmentation
+from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
+from medmeta_common.data.segmentation import SegmentationData
+from medmeta_common.data.sources import load_segmentation as load_site_segmentation
 from medmeta_common.errors import DataError
 from medmeta_common.models.decoder import Segmenter, build_decoder
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.privacy import grad_samplers  # noqa: F401 - our per-sample rules
+from medmeta_common.privacy.dp_sgd import DPSettings
 from tests.conftest import shared_file
 
 IMAGE = ImageConfig(size=32)
+
+
+def load_segmentation(folder: Path, image: ImageConfig, *, tile: int = 128,
+                      **data: object) -> SegmentationData:
+    return load_site_segmentation(DataConfig(path=str(folder), split=None, **data),  # type: ignore[arg-type]
+                                  image, tile=tile)
 
 
 def segmenter(seed: int = 0) -> Segmenter:
@@ -75,13 +83,14 @@ def test_bad_pairs_are_named_and_skipped(tmp_path: Path) -> None:
 
 
 def test_loss_is_a_sum_of_per_image_terms_on_opacus_per_sample_gradients() -> None:
-    data = load_segmentation(shared_file("segmentation/nuclei"), IMAGE)
-    images, masks = torch.from_numpy(data.images[:4]), torch.from_numpy(data.masks[:4])
+    generator = torch.Generator().manual_seed(0)  # synthetic: the property is the loss's
+    images = torch.randn(4, 1, 32, 32, generator=generator)
+    masks = (torch.randn(4, 32, 32, generator=generator) > 0.8).long()
     net = segmenter()
     gsm = GradSampleModule(net, loss_reduction="sum")
     per_image_loss(gsm(images), masks).sum().backward()
     samples = [p.grad_sample.detach().clone() for p in net.parameters()]
-    gsm._close()
+    gsm.to_standard_module()
     for i in (0, 3):
         single = segmenter()
         per_image_loss(single(images[i:i + 1]), masks[i:i + 1]).sum().backward()
@@ -101,8 +110,12 @@ def test_dp_training_steps_under_opacus_and_learning_beats_untrained() -> None:
     data = load_segmentation(shared_file("segmentation/em_membrane"), IMAGE)
     model = segmenter()
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    train_segmenter(model, data, steps=3, batch_size=16, lr=1e-3, seed=0,
-                    device=torch.device("cpu"), dp=DPSettings(1.0, 0.05, 1.0))
+    task = get_task("segmentation")
+    train = TrainConfig(local_steps=3, batch_size=16)
+    rate = task.sampling(data, train).rate
+    local_training(task, model, data, train, dp=DPSettings(1.0, rate, 1.0), seed=0,
+                   device=torch.device("cpu"), amp=False,
+                   units=task.privacy_units(data, "image", source="test"))
     moved = any(not torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
     assert moved
     encoder = build_encoder(ModelConfig(), IMAGE, 0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import client.site as site_module
+import client.tasks.classification as classification_module
 from client.site import SiteRuntime, site_splits
 from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
 
@@ -24,20 +25,24 @@ def test_cache_is_used_and_invalidated(tmp_path: Path, bccd_npz: Path,
     source = tmp_path / "bccd.npz"
     shutil.copy(bccd_npz, source)
     site = runtime(tmp_path, source)
+    reads: list[str] = []
+    real = classification_module.load_site
+    monkeypatch.setattr(classification_module, "load_site",
+                        lambda data, image: reads.append(data.path) or real(data, image))
+
     first = site_splits(site, ImageConfig(), seed=0)
+    assert reads == [str(source)]  # the first process reads the images...
     assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1
 
     site_module._SPLITS.clear()  # a fresh process
-    calls = []
-    monkeypatch.setattr(site_module, "load_site", lambda *a, **k: calls.append(1))
     again = site_splits(site, ImageConfig(), seed=0)
-    assert calls == []  # served from the cache
+    assert reads == [str(source)]  # ...the next one is served from the cache
     np.testing.assert_array_equal(first.train.images, again.train.images)
     assert first.train.refs == again.train.refs and first.val.classes == again.val.classes
 
     site_module._SPLITS.clear()
     os.utime(source, ns=(1, 1))  # the source changed
-    monkeypatch.undo()
     renewed = site_splits(site, ImageConfig(), seed=0)
+    assert reads == [str(source)] * 2  # so the images are read again
     np.testing.assert_array_equal(first.train.images, renewed.train.images)
-    assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1
+    assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1  # old entry dropped

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medmeta.simulate import SimulatedSites
+from medmeta.simulate import run_simulation
 from medmeta_common.config import ConfigError, ImageConfig, ModelConfig, load_config
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.protocol import check_update, layout_of
@@ -23,7 +23,6 @@ from medmeta_common.update_codec import (
 )
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
-from tests.recorded_simulation import simulate_recorded
 
 LAYOUT = layout_of(build_encoder(ModelConfig(), ImageConfig(), 0))
 
@@ -116,7 +115,7 @@ def test_int8_federation_sends_a_quarter_and_moves_the_encoder(tmp_path) -> None
     path.write_text(CONFIG.format(data=SHARED_DATA))
     config = load_config(path)
     out = tmp_path / "run"
-    replies = simulate_recorded(config, out, SimulatedSites(config, out))
+    replies = run_simulation(config, out).replies
     full = payload_bytes({k: np.zeros(s, np.float32) for k, (s, _) in
                           layout_of(build_encoder(config.model, config.image, 0)).items()})
     trained = [r for r in replies if r.metadata.message_type == "train"]

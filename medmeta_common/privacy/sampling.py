@@ -87,7 +87,7 @@ class PoissonSampler:
         self.labels = np.zeros(n_records, np.int64) if labels is None else np.asarray(labels)
         self.draws_classes = labels is not None
         self.n_classes = n_classes if labels is not None else 1
-        self.ways = min(ways or self.n_classes, self.n_classes)
+        self.ways = ways or self.n_classes
         if not 1 <= self.ways <= self.n_classes:
             raise ValueError(f"ways must be in [1, {self.n_classes}], got {ways}")
         self.sample_rate = sample_rate

@@ -1,4 +1,9 @@
-"""Write real DICOM files (MR Image Storage) from arrays, for ingestion tests."""
+"""Write arrays as real DICOM files (MR Image Storage) with a manifest: a DICOM site.
+
+For demos, ingestion benchmarks and tests. The identifying tags are filled with
+obviously fake values (:data:`IDENTIFYING`), so that checks that nothing identifying
+is ever printed or sent have something to find.
+"""
 
 from __future__ import annotations
 
