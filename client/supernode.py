@@ -36,7 +36,8 @@ def preflight(config: SiteDeployConfig) -> None:
     if config.task == "segmentation":
         from medmeta_common.data.segmentation import find_pairs
 
-        if not find_pairs(Path(config.data.path)):
+        folder = Path(config.data.path)
+        if not (folder / config.data.manifest).is_file() and not find_pairs(folder):
             raise DataError(config.data.path, "no image/mask pairs found for this "
                             "segmentation site (see docs/data.md, segmentation layouts)")
     elif not config.data.is_builtin:

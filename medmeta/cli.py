@@ -1,5 +1,8 @@
 """The ``medmeta`` command: one entry point for the operator, the hospital and the researcher.
 
+Each person's commands live with their code: the operator's in :mod:`server.cli`,
+the hospital's in :mod:`client.cli`, the researcher's in :mod:`medmeta.commands`.
+
 Errors a user can cause are reported in one line with an exit code (see
 :mod:`medmeta_common.errors`); ``--debug`` shows the traceback of anything else.
 """
@@ -11,10 +14,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from client import cli as client_commands
-from medmeta import __version__, data_commands, deploy_commands, federation_commands
+from client import cli as hospital_commands
+from medmeta import __version__
+from medmeta import commands as researcher_commands
 from medmeta.logs import configure_logging
 from medmeta_common.errors import MedmetaError
+from server import cli as operator_commands
 
 log = logging.getLogger("medmeta")
 
@@ -32,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the Python traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    federation_commands.register(commands)
-    client_commands.register(commands)
-    deploy_commands.register(commands)
-    data_commands.register(commands)
+    researcher_commands.register(commands)
+    certs = commands.add_parser("certs", help="make the consortium's certificates and keys")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    operator_commands.register(commands, certs_commands)
+    hospital_commands.register(commands, certs_commands)
     return parser
 
 

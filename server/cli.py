@@ -1,4 +1,10 @@
-"""Production commands: ``certs``, ``server`` (the operator) and ``site`` (a hospital)."""
+"""The consortium operator's commands: ``certs init``, ``certs server`` and ``server``.
+
+``medmeta server start`` runs the aggregation server (a Flower SuperLink with TLS and
+SuperNode authentication, the sites registered, the meta-learning run submitted);
+``status`` and ``stop`` follow and end it. The hospital's commands are in
+:mod:`client.cli`, the researcher's in :mod:`medmeta.commands`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,15 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from medmeta_common.cli_output import print_written, warn_insecure
+
 log = logging.getLogger("medmeta")
 
+Commands = argparse._SubParsersAction  # type: ignore[type-arg]
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``certs``, ``server`` and ``site`` command groups."""
-    certs = commands.add_parser("certs", help="make the consortium's certificates and keys")
-    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+
+def register(commands: Commands, certs_commands: Commands) -> None:
+    """Add ``certs init``, ``certs server`` and the ``server`` command group."""
     init = certs_commands.add_parser("init", help="create the consortium CA (operator)")
     init.add_argument("--out", type=Path, required=True, help="the consortium PKI folder")
     init.add_argument("--name", default="consortium", help="organisation name in the CA")
@@ -31,12 +39,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     server.add_argument("--days", type=int, default=825)
     server.add_argument("--force", action="store_true", help="replace existing files")
     server.set_defaults(handler=run_certs_server)
-    site = certs_commands.add_parser("site", help="a SuperNode key pair (hospital)")
-    site.add_argument("--out", type=Path, required=True, help="where the site keeps its keys")
-    site.add_argument("--name", required=True, help="the site's name, e.g. hospital-a")
-    site.add_argument("--force", action="store_true", help="replace existing files")
-    site.set_defaults(handler=run_certs_site)
-
     operator = commands.add_parser("server", help="run the aggregation server (operator)")
     operator_commands = operator.add_subparsers(dest="server_command", required=True)
     start = operator_commands.add_parser(
@@ -56,32 +58,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     stop.add_argument("--config", type=Path, required=True, help="server.yaml")
     stop.set_defaults(handler=run_server_stop)
 
-    hospital = commands.add_parser("site", help="run this hospital's site client")
-    hospital_commands = hospital.add_subparsers(dest="site_command", required=True)
-    site_start = hospital_commands.add_parser(
-        "start", help="check the set-up, then run the SuperNode (foreground)")
-    site_start.add_argument("--config", type=Path, required=True, help="site.yaml")
-    site_start.set_defaults(handler=run_site_start)
-    site_check = hospital_commands.add_parser(
-        "check", help="check data, keys and the connection to the server; start nothing")
-    site_check.add_argument("--config", type=Path, required=True, help="site.yaml")
-    site_check.set_defaults(handler=run_site_check)
-
-
-def _written(written: Any, keep: str, send: str) -> None:
-    for path in written.secret:
-        print(f"  keep secret : {path}  ({keep})")
-    for path in written.public:
-        print(f"  hand out    : {path}  ({send})")
-
-
 def run_certs_init(args: argparse.Namespace) -> int:
     """Create the consortium CA."""
     from medmeta_common.pki import init_ca
 
     written = init_ca(args.out, name=args.name, days=args.days, force=args.force)
     print("Consortium CA created.")
-    _written(written, "operator only; it signs the server certificate",
+    print_written(written, "operator only; it signs the server certificate",
              "send ca.crt to every site")
     return 0
 
@@ -92,24 +75,8 @@ def run_certs_server(args: argparse.Namespace) -> int:
 
     written = server_certificate(args.out, hosts=args.host, days=args.days, force=args.force)
     print(f"SuperLink certificate for {', '.join(args.host)} created.")
-    _written(written, "the SuperLink's TLS key", "the SuperLink's certificate")
+    print_written(written, "the SuperLink's TLS key", "the SuperLink's certificate")
     return 0
-
-
-def run_certs_site(args: argparse.Namespace) -> int:
-    """Create a site's SuperNode key pair."""
-    from medmeta_common.pki import site_keypair
-
-    written = site_keypair(args.out, name=args.name, force=args.force)
-    print(f"Key pair for site {args.name} created.")
-    _written(written, "stays at the hospital; site.yaml's private_key",
-             "send it to the operator, who lists it under sites: in server.yaml")
-    return 0
-
-
-def _warn_insecure(kind: str) -> None:
-    log.warning("%s runs INSECURE: no TLS and no node authentication (insecure: true). Use "
-                "this only for tests on one machine.", kind)
 
 
 def run_server_start(args: argparse.Namespace) -> int:
@@ -120,7 +87,7 @@ def run_server_start(args: argparse.Namespace) -> int:
 
     config = load_server_config(args.config)
     if config.superlink.insecure:
-        _warn_insecure("the SuperLink")
+        warn_insecure("the SuperLink")
     link = SuperLink(config, args.config)
     process = link.start_process()
     log.info("SuperLink started (pid %d) on %s:%d; log: %s", process.pid, config.superlink.host,
@@ -219,33 +186,3 @@ def run_server_stop(args: argparse.Namespace) -> int:
     stopped = SuperLink(load_server_config(args.config), args.config).stop()
     print("SuperLink stopped." if stopped else "No SuperLink was running.")
     return 0
-
-
-def run_site_check(args: argparse.Namespace) -> int:
-    """Check the site's set-up and connection."""
-    from client.supernode import preflight
-    from medmeta_common.config.deploy import load_site_config
-
-    config = load_site_config(args.config)
-    if config.insecure:
-        _warn_insecure(f"site {config.name}")
-    preflight(config)
-    print(f"site {config.name}: data, state directory, keys and the connection to "
-          f"{config.superlink} look right")
-    return 0
-
-
-def run_site_start(args: argparse.Namespace) -> int:
-    """Check, then run the SuperNode in the foreground."""
-    from client.supernode import preflight, run_supernode
-    from medmeta_common.config.deploy import load_site_config
-
-    config = load_site_config(args.config)
-    if config.insecure:
-        _warn_insecure(f"site {config.name}")
-    if not config.privacy.enabled:
-        log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
-                    config.name)
-    preflight(config)
-    log.info("site %s: starting the SuperNode (connects to %s)", config.name, config.superlink)
-    return run_supernode(config, args.config)

@@ -1,4 +1,7 @@
-"""``medmeta simulate``: the researcher's command."""
+"""The researcher's commands: ``simulate``, and ``config check`` (for anyone).
+
+The operator's commands are in :mod:`server.cli`, the hospital's in :mod:`client.cli`.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ log = logging.getLogger("medmeta")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``simulate`` command."""
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``simulate`` and ``config`` commands."""
     simulate = commands.add_parser(
         "simulate",
         help="run a whole federation on this machine, then adapt the held-out site",
@@ -33,6 +36,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     simulate.add_argument("--json", action="store_true",
                           help="print the held-out result as one JSON object")
     simulate.set_defaults(handler=run_simulate)
+
+    config = commands.add_parser("config", help="validate configuration files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a YAML config file (any kind)")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=run_config_check)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -84,4 +93,13 @@ def run_simulate(args: argparse.Namespace) -> int:
               f"(untrained encoder: {100 * untrained.accuracy_mean:.1f}% ± "
               f"{100 * untrained.accuracy_ci95:.1f}) over {held_out.episodes} episodes")
     print(f"Report: {report}")
+    return 0
+
+
+def run_config_check(args: argparse.Namespace) -> int:
+    """Validate a config file; errors are raised as ConfigError."""
+    from medmeta_common.config.deploy import load_any_config
+
+    load_any_config(args.file)
+    print(f"{args.file}: OK")
     return 0
