@@ -29,8 +29,11 @@ RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 simulate: setup
 	$(BIN)/medmeta simulate --out $(RUN_DIR)
 
-test: setup
+lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.round import RoundSettings, evaluate_round, read_settings, train_round
@@ -35,6 +35,7 @@ from medmeta_common.wire import (
     arrays_to_state,
     encoder_to_arrays,
     encoder_to_numpy,
+    metric_record,
     numpy_to_arrays,
 )
 
@@ -57,7 +58,7 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
     """One round of local training; see the module docstring for what is returned."""
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
     outcome = train_round(site, settings, _global_encoder(msg, settings))
-    records = RecordDict({METRICS_KEY: MetricRecord(outcome.metrics)})
+    records = RecordDict({METRICS_KEY: metric_record(outcome.metrics)})
     if outcome.encoder is not None:
         if settings.update_encoding == "float32":
             records[ARRAYS_KEY] = encoder_to_arrays(outcome.encoder)
@@ -72,7 +73,7 @@ def handle_evaluate(msg: Message, site: SiteRuntime) -> Message:
     """Few-shot accuracy of the global encoder on this site's validation split."""
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
     metrics = evaluate_round(site, settings, _global_encoder(msg, settings))
-    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
 
 def handle_query(msg: Message, site: SiteRuntime) -> Message:

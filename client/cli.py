@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client import privacy_cli
 from medmeta_common.cli_output import print_written, warn_insecure
@@ -20,7 +21,8 @@ from medmeta_common.config.tasks import DEFAULT_TILE, TASKS
 
 log = logging.getLogger("medmeta")
 
-Commands = argparse._SubParsersAction  # type: ignore[type-arg]
+if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def register(commands: Commands, certs_commands: Commands) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger("medmeta")
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``privacy`` command group."""
     privacy = commands.add_parser("privacy", help="privacy ledgers of sites")
     privacy_commands = privacy.add_subparsers(dest="privacy_command", required=True)
@@ -149,7 +151,7 @@ def run_privacy_report(args: argparse.Namespace) -> int:
                 atomic_write_text(target, to_html(ledger))
             else:
                 png = epsilon_plot_png(ledger)
-                atomic_write(path.parent / "privacy_epsilon.png", lambda h, png=png: h.write(png))
+                atomic_write(path.parent / "privacy_epsilon.png", png_writer(png))
                 atomic_write_text(target, to_markdown(ledger, "privacy_epsilon.png"))
             print(target)
         return 0
@@ -168,3 +170,8 @@ def run_privacy_report(args: argparse.Namespace) -> int:
               f"{s['steps']:>7}  {s['unit']}")
     print(f"accounting: {CONVERSION}")
     return 0
+
+
+def png_writer(png: bytes) -> Callable[[IO[bytes]], object]:
+    """A writer of ``png`` for :func:`~medmeta_common.checkpoint.atomic_write`."""
+    return lambda handle: handle.write(png)

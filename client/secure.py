@@ -15,6 +15,8 @@ round's masks still cancel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any, cast
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -59,7 +61,7 @@ def _legacy_bridge(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         raise ValueError("the server sent a secure-aggregation round whose encoder does not "
                          "match the model in its settings")
     global_state = dict(zip(layout, arrays, strict=True))
-    protocol_state = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
+    protocol_state: Mapping[str, Any] = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
     clipping_range = float(protocol_state.get("clipping_range", np.inf))
     msg.content = RecordDict({ARRAYS_KEY: numpy_to_arrays(global_state),
                               CONFIG_KEY: ConfigRecord(dict(fitins.config))})
@@ -71,7 +73,7 @@ def _legacy_bridge(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         trained = arrays_to_numpy(reply.content.array_records[ARRAYS_KEY])
         update = [(trained[k].astype(np.float64) - global_state[k]).astype(np.float32)
                   for k in layout]
-        weight = int(metrics[NUM_EXAMPLES])
+        weight = int(metrics[NUM_EXAMPLES])  # type: ignore[arg-type]  # a scalar metric
         max_weight = float(protocol_state.get("max_weight", np.inf))
         if weight > max_weight:
             raise ValueError(f"this site trained on {weight} records, more than "
@@ -82,7 +84,7 @@ def _legacy_bridge(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
         update = [np.zeros(shape, dtype=np.float32) for shape, _ in layout.values()]
         weight = 0
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(update),
-                    num_examples=weight, metrics=metrics)
+                    num_examples=weight, metrics=cast(dict[str, Any], metrics))
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 

@@ -73,7 +73,8 @@ def hostile_site(attack: str) -> Mod:
             return reply
         encoding = msg.content.config_records[CONFIG_KEY].get("update-encoding", "float32")
         if encoding != "float32":
-            raise ValueError(f"simulated attacks send float32 encoders, not {encoding} updates")
+            raise ValueError(f"simulated attacks send float32 encoders, not {encoding!r} "
+                             "updates")
         current = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
         honest = arrays_to_numpy(reply.content.array_records[ARRAYS_KEY])
         reply.content.array_records[ARRAYS_KEY] = numpy_to_arrays(tamper(current, honest))

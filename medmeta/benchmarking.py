@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -85,6 +85,7 @@ def train_centralized(config: FederationConfig, state_root: Path, *, steps: int,
 
 # --- Held-out few-shot scenarios ---------------------------------------------------------
 
+Split = Literal["train", "val", "test"]
 BLOOD_NEW = ("erythroblast", "lymphocyte", "platelet")
 SCENARIOS = ("brain-shift", "blood-new", "breast")
 WAYS = {"brain-shift": 4, "blood-new": 3, "breast": 2}
@@ -111,7 +112,7 @@ def shifted_brain(data_dir: Path, split: str, folder: Path) -> Path:
     return path
 
 
-def scenario_data(data_dir: Path, split: str, folder: Path) -> dict[str, DataConfig]:
+def scenario_data(data_dir: Path, split: Split, folder: Path) -> dict[str, DataConfig]:
     """Where each held-out scenario's images are."""
     return {
         "brain-shift": DataConfig(path=str(shifted_brain(data_dir, split, folder)), split="test"),

@@ -17,7 +17,7 @@ log = logging.getLogger("medmeta")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``simulate`` and ``config`` commands."""
     simulate = commands.add_parser(
         "simulate",

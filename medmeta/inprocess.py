@@ -123,8 +123,10 @@ class InProcessGrid(Grid):
     # --- the nodes -------------------------------------------------------------------
 
     def _deliver(self, node: int, message: Message) -> Message:
-        def call(msg: Message, context: Context) -> Message:
+        def app(msg: Message, context: Context) -> Message:
             return self._app(msg, context)
+
+        call: Callable[[Message, Context], Message] = app
 
         for mod in reversed(self._mods.get(node, [])):
             call = _wrapped(mod, call)

@@ -99,7 +99,7 @@ def run_simulation(config: FederationConfig, out_dir: Path, *, resume: bool = Fa
     started = time.monotonic()
     log.info("simulating %d site(s) for %d round(s); output in %s", len(config.sites),
              config.rounds, out_dir)
-    run_federation(grid, config, out_dir, resume=resume)  # type: ignore[arg-type]
+    run_federation(grid, config, out_dir, resume=resume)
     log.info("federation finished in %.0f s", time.monotonic() - started)
     return grid
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 
 def encoder_to_arrays(encoder: torch.nn.Module) -> ArrayRecord:
@@ -35,6 +35,11 @@ def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     """A dict of NumPy arrays as an ArrayRecord."""
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def metric_record(metrics: Mapping[str, float | int]) -> MetricRecord:
+    """A MetricRecord of scalar metrics."""
+    return MetricRecord(cast(dict[str, Any], dict(metrics)))
 
 
 def to_config_record(entries: Mapping[str, Any]) -> ConfigRecord:

@@ -112,7 +112,7 @@ def pairwise_sq_distances(states: Sequence[State]) -> np.ndarray:
     norms = np.einsum("ij,ij->i", flat, flat)
     distances = norms[:, None] + norms[None, :] - 2.0 * flat @ flat.T
     np.fill_diagonal(distances, 0.0)
-    return np.maximum(distances, 0.0)
+    return np.asarray(np.maximum(distances, 0.0))
 
 
 def multikrum_select(distances: np.ndarray, max_faulty: int) -> list[int]:

@@ -13,13 +13,14 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medmeta_common.cli_output import print_written, warn_insecure
 
 log = logging.getLogger("medmeta")
 
-Commands = argparse._SubParsersAction  # type: ignore[type-arg]
+if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def register(commands: Commands, certs_commands: Commands) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from medmeta_common.checkpoint import atomic_write, atomic_write_text
 from medmeta_common.figures import finished_png
@@ -71,6 +72,10 @@ def write_plots(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         png = finished_png(fig, ax)
-        atomic_write(out_dir / name, lambda handle, png=png: handle.write(png))
+        atomic_write(out_dir / name, functools.partial(_write_bytes, png))
         written.append(out_dir / name)
     return written
+
+
+def _write_bytes(data: bytes, handle: IO[bytes]) -> None:
+    handle.write(data)

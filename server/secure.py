@@ -107,12 +107,12 @@ class SecureRoundStrategy(Strategy):
         size = max(self.meta.min_sites, math.ceil(self.fraction * connected))
         self.sampled, _ = sample_nodes(self.grid, self.meta.min_sites, size)
         self.meta.learn_site_names(self.grid)
-        config = {**dict(self.settings), "server-round": self.round_number}
+        config: dict[str, Any] = {**dict(self.settings), "server-round": self.round_number}
         return [(GridClientProxy(node, self.grid, run_id=0), FitIns(parameters, config))
                 for node in self.sampled]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[Any]) -> tuple[Parameters | None, dict]:
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
         """The aggregate target from the unmasked mean update; ``results`` carry it."""
         sites: dict[str, dict[str, Any]] = {}
         contributors = 0
@@ -161,12 +161,12 @@ class SecureRoundStrategy(Strategy):
         return None
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: Any) -> list:
+                           client_manager: Any) -> list[Any]:
         """Unused: evaluation is asked on the Message API after the round."""
         return []
 
-    def aggregate_evaluate(self, server_round: int, results: list,
-                           failures: list) -> tuple[float | None, dict]:
+    def aggregate_evaluate(self, server_round: int, results: list[Any],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
         """Unused (see ``configure_evaluate``)."""
         return None, {}
 

@@ -301,7 +301,7 @@ class MetaStrategy(FedAvg):
             if reply.has_error():
                 log.warning("evaluation at site %s failed: %s", name, reply.error.reason)
                 continue
-            record = reply.content.metric_records.get(METRICS_KEY) or {}
+            record: Mapping[str, Any] = reply.content.metric_records.get(METRICS_KEY) or {}
             sites[name] = {k: v for k, v in record.items() if k in EVALUATE_METRICS}
         scored = {n: m for n, m in sites.items() if "accuracy" in m}
         mean = float(np.mean([m["accuracy"] for m in scored.values()])) if scored else None

@@ -111,7 +111,7 @@ class SuperLink:
         home.mkdir(parents=True, exist_ok=True)
         atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
 
-    def start_process(self) -> subprocess.Popen:
+    def start_process(self) -> subprocess.Popen[bytes]:
         """Start the SuperLink in its own session, logging to ``superlink.log``."""
         if (pid := self.pid()) is not None:
             raise FederationError(f"a SuperLink is already running for {self.state} (pid {pid});"
@@ -126,7 +126,7 @@ class SuperLink:
         self.wait_ready(process)
         return process
 
-    def wait_ready(self, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    def wait_ready(self, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
         """Wait until the SuperLink accepts connections (or fail with its log's tail)."""
         deadline = time.monotonic() + timeout
         address = (connect_host(self.config), self.config.superlink.port)
@@ -157,7 +157,7 @@ class SuperLink:
         result = subprocess.run(["flwr", *args, "--format", "json"], env=self.env,
                                 capture_output=True, text=True, check=False, cwd=APP_DIR)
         try:
-            payload = json.loads(result.stdout[result.stdout.find("{"):] or "{}")
+            payload: dict[str, Any] = json.loads(result.stdout[result.stdout.find("{"):] or "{}")
         except json.JSONDecodeError:
             payload = {"success": False, "error-message": result.stdout + result.stderr}
         if check and not payload.get("success", False):

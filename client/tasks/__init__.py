@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 from client.tasks.base import Task
 
-_FACTORIES: dict[str, Callable[[], Task]] = {}
-_LOADED: dict[str, Task] = {}
+_FACTORIES: dict[str, Callable[[], Task[Any]]] = {}
+_LOADED: dict[str, Task[Any]] = {}
 
 
-def register(name: str, factory: Callable[[], Task]) -> None:
+def register(name: str, factory: Callable[[], Task[Any]]) -> None:
     """Make ``factory`` the task called ``name``; a name is registered only once."""
     if name in _FACTORIES:
         raise ValueError(f"task {name!r} is already registered")
     _FACTORIES[name] = factory
 
 
-def _lazy(module: str, cls: str) -> Callable[[], Task]:
-    def factory() -> Task:
-        task: Task = getattr(importlib.import_module(module), cls)()
+def _lazy(module: str, cls: str) -> Callable[[], Task[Any]]:
+    def factory() -> Task[Any]:
+        task: Task[Any] = getattr(importlib.import_module(module), cls)()
         return task
     return factory
 
@@ -34,7 +35,7 @@ register("classification", _lazy("client.tasks.classification", "ClassificationT
 register("segmentation", _lazy("client.tasks.segmentation", "SegmentationTask"))
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Task[Any]:
     """The task called ``name`` (one instance per process)."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_FACTORIES))}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -46,9 +46,17 @@ Metrics = dict[str, float | int]
 class TaskData(Protocol):
     """A task's harmonised site data: rows with a group (patient) each, and a cache form."""
 
-    groups: np.ndarray
-    groups_known: bool
-    refs: tuple[str, ...]
+    @property
+    def groups(self) -> np.ndarray:
+        """The patient (or other group) of each row."""
+
+    @property
+    def groups_known(self) -> bool:
+        """Whether the groups are patients named by the source."""
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        """Where each row came from."""
 
     def __len__(self) -> int:
         """Rows (training records before augmentation)."""
@@ -101,8 +109,11 @@ class AdaptDefaults:
     finetune_steps: int
 
 
-class Task(ABC):
-    """A task plugin; see the module docstring."""
+D = TypeVar("D", bound=TaskData)
+
+
+class Task(ABC, Generic[D]):
+    """A task plugin over its data type ``D``; see the module docstring."""
 
     name: ClassVar[str]
     # What one privacy record is at this task's sites (for reports and docs).
@@ -116,18 +127,18 @@ class Task(ABC):
     # --- data ----------------------------------------------------------------------
 
     @abstractmethod
-    def read(self, data: DataConfig, image: ImageConfig, *, tile: int) -> TaskData:
+    def read(self, data: DataConfig, image: ImageConfig, *, tile: int) -> D:
         """Read, select and harmonise the site's data (the one ingestion pipeline)."""
 
     @abstractmethod
-    def from_arrays(self, arrays: dict[str, np.ndarray]) -> TaskData:
+    def from_arrays(self, arrays: dict[str, np.ndarray]) -> D:
         """The data the site's cache held (written by ``TaskData.to_arrays``)."""
 
-    def validation_groups(self, site_name: str, data: TaskData) -> np.ndarray:
+    def validation_groups(self, site_name: str, data: D) -> np.ndarray:
         """Groups the train/validation split keeps together (patients)."""
         return data.groups
 
-    def privacy_units(self, data: TaskData, unit: str, *, source: str) -> np.ndarray | None:
+    def privacy_units(self, data: D, unit: str, *, source: str) -> np.ndarray | None:
         """The privacy unit of each row, or ``None`` when each row is its own record.
 
         The default: rows are records, and ``patient`` needs patient ids in the data.
@@ -143,13 +154,13 @@ class Task(ABC):
         return None  # every task accepts every setting by default
 
     @abstractmethod
-    def site_model(self, site: SiteRuntime, encoder: Encoder, data: TaskData,
+    def site_model(self, site: SiteRuntime, encoder: Encoder, data: D,
                    settings: RoundSettings) -> torch.nn.Module:
         """The encoder with this site's local parts, from its state directory or fresh."""
 
     @abstractmethod
     def save_site_model(self, site: SiteRuntime, model: torch.nn.Module,
-                        data: TaskData) -> None:
+                        data: D) -> None:
         """Keep the site-local parts in the state directory (they never leave the site)."""
 
     @abstractmethod
@@ -157,16 +168,16 @@ class Task(ABC):
         """The local optimiser over the parameters to train."""
 
     @abstractmethod
-    def sampling(self, data: TaskData, train: TrainConfig) -> SamplingPlan:
+    def sampling(self, data: D, train: TrainConfig) -> SamplingPlan:
         """The Poisson rate (and class draw) giving ``train.batch_size`` records a step."""
 
-    def nonprivate_sampler(self, data: TaskData, train: TrainConfig, plan: SamplingPlan,
+    def nonprivate_sampler(self, data: D, train: TrainConfig, plan: SamplingPlan,
                            rng: np.random.Generator) -> Sampler:
         """How steps draw records without DP (default: the same Poisson plan, seeded)."""
         return plan.poisson(len(data), rng, None)
 
     @abstractmethod
-    def loss(self, model: torch.nn.Module, data: TaskData, train: TrainConfig, *,
+    def loss(self, model: torch.nn.Module, data: D, train: TrainConfig, *,
              generator: torch.Generator, device: torch.device, amp: bool) -> TaskLoss:
         """The batch loss: a sum of per-row terms (see :class:`~.dp_sgd.BatchLoss`)."""
 
@@ -178,7 +189,7 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: Encoder,
-                 val: TaskData, device: torch.device) -> Metrics:
+                 val: D, device: torch.device) -> Metrics:
         """The validation metric of ``encoder`` at this site (released in the reply)."""
 
     @abstractmethod
@@ -194,7 +205,7 @@ class Task(ABC):
         """``medmeta predict`` with this task's saved model; the number of bad files."""
 
 
-def patients_of(data: TaskData, *, source: str) -> np.ndarray:
+def patients_of(data: D, *, source: str) -> np.ndarray:
     """Patient ids of the rows; :class:`ConfigError` when the data names no patients."""
     if not data.groups_known:
         raise ConfigError(source=source, field="privacy.unit", expected="'image', or patient "

@@ -51,7 +51,7 @@ HEAD_FILE = "head.pt"
 ROTATION_FILE = "rotation_head.pt"
 
 
-class ClassificationTask(Task):
+class ClassificationTask(Task[SiteData]):
     """Images with class labels; see the module docstring."""
 
     name = "classification"
@@ -95,6 +95,7 @@ class ClassificationTask(Task):
 
     def optimizer(self, model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         """SGD with momentum (the prototypical loss trains the encoder only)."""
+        assert isinstance(model, EncoderWithHead)
         params = model.encoder.parameters() if train.loss == "protonet" else model.parameters()
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum)
 
@@ -252,13 +253,15 @@ def protonet_loss(model: torch.nn.Module, data: SiteData, train: TrainConfig, *,
     ways = min(train.ways or len(data.classes), len(data.classes))
     scale = float(getattr(model.head, "scale", 10.0))
     n_support = ways * train.shots
+    encoder = model.encoder
+    assert isinstance(encoder, torch.nn.Module)
 
     def loss(trained: torch.nn.Module, draw: Draw) -> BatchLoss:
         batch = images[draw.index]
         if train.augment:
             batch = augment(batch, generator)
         with autocast(device, amp):
-            embeddings = trained.encoder(batch.to(device)).float()
+            embeddings = encoder(batch.to(device)).float()  # non-private: the model itself
         support, query = embeddings[:n_support], embeddings[n_support:]
         support_labels = torch.arange(ways, device=device).repeat_interleave(train.shots)
         query_labels = torch.arange(ways, device=device).repeat_interleave(train.queries)

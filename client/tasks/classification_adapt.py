@@ -39,7 +39,6 @@ from medmeta_common.config.typed import build
 from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.errors import CheckpointError, ConfigError
-from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.heads import CosineClassifier
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ ADAPTED_INFO = "adapted_model.json"
 class AdaptedModel:
     """A site's classifier: the (possibly fine-tuned) encoder and a cosine head."""
 
-    encoder: Encoder
+    encoder: torch.nn.Module
     head: CosineClassifier
     classes: tuple[str, ...]
     image: ImageConfig
@@ -85,7 +84,7 @@ def adapt(meta: MetaModel, site: SiteData, *, finetune_steps: int = 0,
                           found=f"{len(present)} class(es) with images")
     labels = torch.from_numpy(site.labels).to(device)
     n_classes = len(site.classes)
-    encoder = meta.encoder
+    encoder: torch.nn.Module = meta.encoder
     if finetune == "all" and finetune_steps > 0:
         encoder, head = finetune_all(meta.encoder, torch.from_numpy(site.images).to(device),
                                      labels, n_classes, finetune_steps,

@@ -61,7 +61,7 @@ SEGMENTATION_LR = 1e-3
 _DICE = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none")
 
 
-class SegmentationTask(Task):
+class SegmentationTask(Task[SegmentationData]):
     """Images with binary masks; see the module docstring."""
 
     name = "segmentation"
@@ -99,6 +99,7 @@ class SegmentationTask(Task):
     def save_site_model(self, site: SiteRuntime, model: torch.nn.Module,
                         data: SegmentationData) -> None:
         """Keep the decoder in the state directory."""
+        assert isinstance(model, Segmenter)
         site.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(site.state_dir / DECODER_FILE, model.decoder.state_dict())
 
@@ -122,6 +123,7 @@ class SegmentationTask(Task):
 
     def after_training(self, model: torch.nn.Module) -> None:
         """The encoder's parameters train again by default."""
+        assert isinstance(model, Segmenter)
         for param in model.encoder.parameters():
             param.requires_grad_(True)
 
@@ -216,6 +218,7 @@ def segmentation_loss(data: SegmentationData, generator: torch.Generator,
 def segmenter_optimizer(model: torch.nn.Module, lr: float, *,
                         train_encoder: bool) -> torch.optim.Optimizer:
     """Adam on the decoder, and on the encoder too when ``train_encoder``."""
+    assert isinstance(model, Segmenter)
     for param in model.encoder.parameters():
         param.requires_grad_(train_encoder)
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)

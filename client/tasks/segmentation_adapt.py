@@ -175,7 +175,9 @@ def _write_mask(target: Path, masks: np.ndarray, nifti_source: Path | None) -> N
         return
     import nibabel as nib
 
-    affine = nib.load(str(nifti_source)).affine if nifti_source is not None else np.eye(4)
+    # A NIfTI image has an affine (nibabel types nib.load as any image file).
+    source = nib.load(str(nifti_source)) if nifti_source is not None else None
+    affine = source.affine if source is not None else np.eye(4)  # type: ignore[attr-defined]
     # Frames were read as (Z, H, W) from an (X, Y, Z) volume: write back in that order.
     volume = nib.Nifti1Image(np.moveaxis(masks, 0, -1).astype(np.uint8), affine)
     payload = gzip.compress(volume.to_bytes())

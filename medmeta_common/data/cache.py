@@ -70,7 +70,7 @@ def load_cached(folder: Path, key: str) -> dict[str, np.ndarray] | None:
 def store(folder: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
     """Write a cache entry atomically (and drop older entries of this site)."""
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / f"{key}.npz", lambda handle: np.savez(handle, **arrays))
+    atomic_write(folder / f"{key}.npz", lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
     for old in folder.glob("*.npz"):
         if old.stem != key:
             with contextlib.suppress(FileNotFoundError):

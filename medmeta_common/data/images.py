@@ -130,8 +130,9 @@ def _read_pil(path: Path, name: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                img.load()
+            with Image.open(path) as opened:
+                opened.load()
+                img: Image.Image = opened
                 if img.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
                     img = img.convert("RGB")
                 elif img.mode == "LA" or img.mode == "1":

@@ -265,7 +265,8 @@ def _keep(labels: np.ndarray, tile: int) -> list[tuple]:
     foreground = [c for c, fg in zip(candidates, has_fg, strict=True) if fg]
     background = [c for c, fg in zip(candidates, has_fg, strict=True) if not fg]
     room = min(len(background), max(len(foreground), 1 if not foreground else 0))
-    picks = np.linspace(0, len(background) - 1, room).round().astype(int) if room else []
+    picks: list[int] = np.linspace(0, len(background) - 1, room).round().astype(int).tolist() \
+        if room else []
     kept = foreground + [background[i] for i in picks]
     return sorted(kept, key=lambda c: (c[0], c[1].start or 0, c[2].start or 0))
 

@@ -35,10 +35,10 @@ def harmonise_stack(
     if (h, w) != (size, size):
         mode = "area" if max(h, w) >= size else "bilinear"
         resize = Resize(spatial_size=size, size_mode="longest", mode=mode)
-        flat = torch.from_numpy(np.ascontiguousarray(stack.reshape(n * c, h, w)))
+        planes = torch.from_numpy(np.ascontiguousarray(stack.reshape(n * c, h, w)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flat = np.asarray(resize(flat))
+            flat = np.asarray(resize(planes))
         stack = _pad_square(flat.reshape(n, c, *flat.shape[-2:]), size)
     return normalise_intensity(stack, intensity)
 

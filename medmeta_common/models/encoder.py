@@ -64,6 +64,7 @@ class Encoder(nn.Module):
                     bias=False,
                 )
                 if spec.weight_standardization:
+                    assert isinstance(block.conv, nn.Conv2d)
                     block.conv = StandardizedConv2d.from_conv(block.conv)
                 layers.append(block)
                 channels = width
@@ -105,8 +106,9 @@ class StandardizedConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> StandardizedConv2d:
         """A standardised copy of ``conv`` (same shape and initial weights)."""
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+                  stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
+                  dilation=conv.dilation, groups=conv.groups,  # type: ignore[arg-type]
                   bias=conv.bias is not None)
         new.load_state_dict(conv.state_dict())
         return new

@@ -123,7 +123,7 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: D
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
                           max_grad_norm=dp.max_grad_norm,
-                          expected_batch_size=expected_batch_size,  # type: ignore[arg-type]
+                          expected_batch_size=expected_batch_size,
                           loss_reduction="mean",
                           generator=torch.Generator(device=device).manual_seed(
                               secrets.randbits(63)))
@@ -141,7 +141,8 @@ def merge_rows(model: torch.nn.Module, unit_of_row: torch.Tensor, units: int) ->
         if sample is not None and len(unit_of_row):
             merged = torch.zeros((units, *sample.shape[1:]), dtype=sample.dtype,
                                  device=sample.device)
-            param.grad_sample = merged.index_add_(0, unit_of_row.to(sample.device), sample)
+            param.grad_sample = merged.index_add_(  # type: ignore[attr-defined]
+                0, unit_of_row.to(sample.device), sample)
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,

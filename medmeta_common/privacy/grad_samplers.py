@@ -20,16 +20,17 @@ from opacus.grad_sample import register_grad_sampler
 from medmeta_common.models.encoder import StandardizedConv2d
 
 
-@register_grad_sampler(StandardizedConv2d)
+# Opacus ships no types, so its registering decorator is untyped.
+@register_grad_sampler(StandardizedConv2d)  # type: ignore[untyped-decorator]
 def standardized_conv_grad_sample(
     layer: StandardizedConv2d, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[torch.nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample gradients of a weight-standardised convolution (``groups == 1``)."""
     if layer.groups != 1 or isinstance(layer.padding, str):
         raise NotImplementedError("standardised convolutions with groups > 1 or string padding")
     x = activations[0].to(backprops.dtype)
     n = x.shape[0]
-    result: dict[torch.nn.Parameter, torch.Tensor] = {}
+    result: dict[torch.Tensor, torch.Tensor] = {}
     if n == 0:  # an empty Poisson batch: no record, no gradient
         result[layer.weight] = torch.zeros_like(layer.weight).unsqueeze(0)[:0]
         if layer.bias is not None and layer.bias.requires_grad:
