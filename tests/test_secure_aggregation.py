@@ -156,3 +156,39 @@ def test_options_that_need_individual_updates_are_refused(tmp_path: Path, settin
     path.write_text(text)
     with pytest.raises(ConfigError, match="secure_aggregation"):
         load_config(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secure", [False, True])
+def test_both_round_drivers_judge_a_reply_the_same_way(tmp_path: Path, secure: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site whose reply carries a metric it may not release is rejected by the plain
+    round and by the secure one; the secure round cannot take the update out of the
+    masked sum, so it keeps the global encoder."""
+    import client.app
+
+    real = client.app.train_round
+
+    def leaky(site, settings, encoder):  # type: ignore[no-untyped-def]
+        outcome = real(site, settings, encoder)
+        if site.name == "chest":
+            outcome.metrics["secret"] = 1.0
+        return outcome
+
+    monkeypatch.setattr(client.app, "train_round", leaky)
+    shared_file("brain_tumor_mri/brain_tumor_mri_64.npz")
+    config = write_config(tmp_path, "leak", secure=secure)
+    simulate(config, tmp_path / "run")
+    record = train_record(tmp_path / "run")
+    assert record["sites"]["chest"]["status"] == "rejected"
+    assert record["sites"]["chest"]["reason"] == "unexpected metrics ['secret']"
+    from medmeta_common.models.factory import build_encoder
+
+    initial = {k: v.numpy().astype(np.float64)
+               for k, v in build_encoder(config.model, config.image, config.seed)
+               .state_dict().items()}
+    moved = largest_difference(initial, encoder_of(tmp_path / "run"))
+    if secure:
+        assert record["accepted"] == 0 and "rejected_sum" in record and moved == 0.0
+    else:
+        assert record["accepted"] == 2 and moved > 0.0
