@@ -116,8 +116,8 @@ def bare_compute(rounds: int) -> list[float]:
     """The same local rounds, back-to-back in this process (max over the three sites)."""
     import torch
 
-    from client.round import RoundSettings, train_round
-    from client.site import SiteRuntime
+    from client.round import train_round
+    from client.settings import RoundSettings, SiteRuntime
     from medmeta_common.config import (
         DataConfig,
         FewShotConfig,

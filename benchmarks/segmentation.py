@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from client.tasks.segmentation import evaluate_fewshot_segmentation
+from client.tasks.segmentation_adapt import evaluate_fewshot_segmentation
 from medmeta.benchmarking import federate
 from medmeta_common.config import DataConfig, load_config
 from medmeta_common.data.sources import load_segmentation

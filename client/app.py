@@ -23,9 +23,9 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.round import RoundSettings, evaluate_round, read_settings, train_round
+from client.round import evaluate_round, train_round
 from client.secure import secure_aggregation_mod
-from client.site import SiteRuntime
+from client.settings import RoundSettings, SiteRuntime, read_settings
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import encoder_spec
 from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_update, layout_of

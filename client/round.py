@@ -16,61 +16,23 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from client.site import SiteRuntime, site_seed, site_splits
+from client.settings import RoundSettings, SiteRuntime, site_seed
+from client.site import site_splits
 from client.tasks import get_task
 from client.tasks.base import Task, TaskData
-from medmeta_common.config import FewShotConfig, ImageConfig, ModelConfig, TrainConfig
+from medmeta_common.config import TrainConfig
 from medmeta_common.device import pick_device
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.privacy.budget import RoundBudget, guarded_round
 from medmeta_common.privacy.dp_sgd import DPSettings, StepStats, train_steps
-from medmeta_common.protocol import NUM_EXAMPLES, rebuild
-from medmeta_common.update_codec import ENCODINGS
+from medmeta_common.protocol import NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    """What the server asks of this round, rebuilt and validated from its message."""
-
-    image: ImageConfig
-    model: ModelConfig
-    train: TrainConfig
-    evaluation: FewShotConfig
-    planned_rounds: int
-    server_round: int
-    seed: int
-    update_encoding: str = "float32"
-
-
-def read_settings(config: Mapping[str, Any]) -> RoundSettings:
-    """Rebuild the round's settings from the server's flat config entries."""
-    return RoundSettings(
-        image=rebuild(ImageConfig, config, "image"),
-        model=rebuild(ModelConfig, config, "model"),
-        train=rebuild(TrainConfig, config, "train"),
-        evaluation=rebuild(FewShotConfig, config, "evaluation"),
-        planned_rounds=int(config.get("planned-rounds", 1)),
-        server_round=int(config.get("server-round", 0)),
-        seed=int(config.get("seed", 0)),
-        update_encoding=_update_encoding(config),
-    )
-
-
-def _update_encoding(config: Mapping[str, Any]) -> str:
-    encoding = str(config.get("update-encoding", "float32"))
-    if encoding not in ENCODINGS:
-        raise ValueError(f"the server asked for update encoding {encoding!r}; this site "
-                         f"supports {', '.join(ENCODINGS)}")
-    return encoding
 
 
 @dataclass(frozen=True)

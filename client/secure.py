@@ -29,7 +29,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_STATE,
 )
 
-from client.round import read_settings
+from client.settings import read_settings
 from medmeta_common.models.encoder import Encoder
 from medmeta_common.models.factory import encoder_spec
 from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, layout_of

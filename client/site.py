@@ -7,37 +7,18 @@ training and validation patients.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from client.settings import SiteRuntime
 from client.tasks import get_task
 from client.tasks.base import Task, TaskData
-from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
-from medmeta_common.config.tasks import DEFAULT_TILE
+from medmeta_common.config import ImageConfig
 from medmeta_common.data.cache import cache_key, load_cached, store
 from medmeta_common.data.splits import train_val_split
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SiteRuntime:
-    """Everything a site decides for itself."""
-
-    name: str
-    data: DataConfig
-    state_dir: Path
-    privacy: PrivacyConfig
-    val_fraction: float = 0.2
-    device: str = "auto"
-    amp: bool = True
-    threads: int = 1
-    cache_data: bool = True
-    task: str = "classification"
-    tile: int = DEFAULT_TILE
 
 
 @dataclass(frozen=True)
@@ -80,9 +61,3 @@ def load_site_data(site: SiteRuntime, image: ImageConfig, task: Task) -> TaskDat
     data = task.read(site.data, image, tile=site.tile)
     store(folder, key, data.to_arrays())
     return data
-
-
-def site_seed(name: str, seed: int) -> int:
-    """A per-site seed, stable across processes (Python's hash() is not)."""
-    digest = hashlib.sha256(f"{name}:{seed}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")

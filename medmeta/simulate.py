@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from client.app import make_client_app
-from client.site import SiteRuntime
+from client.settings import SiteRuntime
 from medmeta.inprocess import InProcessGrid, Mod
 from medmeta_common.checkpoint import atomic_write_json
 from medmeta_common.config import FederationConfig

@@ -12,11 +12,8 @@ from PIL import Image
 
 from client.round import local_training
 from client.tasks import get_task
-from client.tasks.segmentation import (
-    dice_per_image,
-    evaluate_fewshot_segmentation,
-    per_image_loss,
-)
+from client.tasks.segmentation_adapt import evaluate_fewshot_segmentation
+from client.tasks.segmentation_training import dice_per_image, per_image_loss
 from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.data.sources import load_segmentation as load_site_segmentation

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import client.tasks.segmentation as segmentation_module
-from client.site import SiteRuntime, site_splits
+from client.settings import SiteRuntime
+from client.site import site_splits
 from client.tasks import get_task
 from medmeta_common.config import (
     DataConfig,

@@ -11,7 +11,8 @@ import pytest
 
 import client.site as site_module
 import client.tasks.classification as classification_module
-from client.site import SiteRuntime, site_splits
+from client.settings import SiteRuntime
+from client.site import site_splits
 from medmeta_common.config import DataConfig, ImageConfig, PrivacyConfig
 
 

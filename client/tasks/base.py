@@ -36,8 +36,7 @@ from medmeta_common.privacy.dp_sgd import TaskLoss
 from medmeta_common.privacy.sampling import PoissonSampler, Sampler
 
 if TYPE_CHECKING:
-    from client.round import RoundSettings
-    from client.site import SiteRuntime
+    from client.settings import RoundSettings, SiteRuntime
     from medmeta_common.models.encoder import Encoder
 
 Metrics = dict[str, float | int]

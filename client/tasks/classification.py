@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from client.fewshot import evaluate_fewshot
-from client.round import RoundSettings
-from client.site import SiteRuntime, site_seed
+from client.settings import RoundSettings, SiteRuntime, site_seed
 from client.tasks.base import AdaptDefaults, AdaptRequest, Metrics, SamplingPlan, Task
 from medmeta_common.checkpoint import atomic_torch_save, torch_load
 from medmeta_common.config import DataConfig, FewShotConfig, ImageConfig, TrainConfig

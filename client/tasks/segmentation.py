@@ -20,20 +20,14 @@ the per-sample gradients against a one-image oracle.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceLoss
-from monai.metrics import compute_dice
 
 from client.fewshot import mean_ci95
-from client.round import RoundSettings
-from client.site import SiteRuntime
+from client.settings import RoundSettings, SiteRuntime
 from client.tasks.base import (
     AdaptDefaults,
     AdaptRequest,
@@ -42,14 +36,19 @@ from client.tasks.base import (
     Task,
     patients_of,
 )
+from client.tasks.segmentation_training import (
+    dice_per_image,
+    segmentation_loss,
+    segmenter_optimizer,
+)
 from medmeta_common.checkpoint import atomic_torch_save, torch_load
 from medmeta_common.config import DataConfig, ImageConfig, TrainConfig
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.data.sources import load_segmentation
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
 from medmeta_common.models.encoder import Encoder
-from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss, train_steps
-from medmeta_common.privacy.sampling import Draw, FixedBatchSampler, Sampler, poisson_rate
+from medmeta_common.privacy.dp_sgd import TaskLoss
+from medmeta_common.privacy.sampling import FixedBatchSampler, Sampler, poisson_rate
 from medmeta_common.protocol import NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
@@ -57,9 +56,6 @@ log = logging.getLogger(__name__)
 DECODER_FILE = "decoder.pt"
 # Adam on the decoder and encoder; the classification recipe's SGD lr does not carry over.
 SEGMENTATION_LR = 1e-3
-
-_DICE = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none")
-
 
 class SegmentationTask(Task[SegmentationData]):
     """Images with binary masks; see the module docstring."""
@@ -174,120 +170,3 @@ def load_decoder(site: SiteRuntime, encoder: Encoder, classes: int, seed: int) -
             log.warning("site %s: the saved decoder does not fit this model; starting a new one",
                         site.name)
     return decoder
-
-
-def per_image_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: pixel-mean cross-entropy + soft Dice of each image against its own mask."""
-    ce = F.cross_entropy(logits, masks, reduction="none").mean(dim=(1, 2))
-    dice = _DICE(logits, masks[:, None]).flatten(1).mean(dim=1)
-    return ce + dice
-
-
-def dice_per_image(logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
-    """Foreground Dice of the arg-max prediction, per image (both empty: 1)."""
-    classes = logits.shape[1]
-    pred = F.one_hot(logits.argmax(dim=1), classes).permute(0, 3, 1, 2)
-    truth = F.one_hot(masks, classes).permute(0, 3, 1, 2)
-    scores = compute_dice(pred, truth, include_background=False, ignore_empty=False)
-    return scores.nan_to_num(1.0).mean(dim=1).cpu().numpy()
-
-
-def flip_augment(images: torch.Tensor, masks: torch.Tensor,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal and vertical flips, the same for an image and its mask."""
-    for dim in (-1, -2):
-        flip = torch.rand(len(images), generator=generator) < 0.5
-        images = torch.where(flip[:, None, None, None], images.flip(dim), images)
-        masks = torch.where(flip[:, None, None], masks.flip(dim), masks)
-    return images, masks
-
-
-def segmentation_loss(data: SegmentationData, generator: torch.Generator,
-                      device: torch.device) -> TaskLoss:
-    """The batch loss: flipped rows, summed per-row Dice + cross-entropy."""
-    images, masks = torch.from_numpy(data.images), torch.from_numpy(data.masks)
-
-    def loss(trained: torch.nn.Module, draw: Draw) -> BatchLoss:
-        batch, target = flip_augment(images[draw.index], masks[draw.index], generator)
-        total = per_image_loss(trained(batch.to(device)), target.to(device)).sum()
-        return BatchLoss(total, len(draw.index))
-
-    return loss
-
-
-def segmenter_optimizer(model: torch.nn.Module, lr: float, *,
-                        train_encoder: bool) -> torch.optim.Optimizer:
-    """Adam on the decoder, and on the encoder too when ``train_encoder``."""
-    assert isinstance(model, Segmenter)
-    for param in model.encoder.parameters():
-        param.requires_grad_(train_encoder)
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-
-def fit_segmenter(model: Segmenter, data: SegmentationData, *, steps: int, batch_size: int,
-                  lr: float, seed: int, device: torch.device,
-                  train_encoder: bool = True) -> float:
-    """Non-private fine-tuning at a new site: ``steps`` Adam steps; the mean loss."""
-    model.to(device).train()
-    optimizer = segmenter_optimizer(model, lr, train_encoder=train_encoder)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    stats = train_steps(model, optimizer, FixedBatchSampler(len(data), batch_size, rng),
-                        segmentation_loss(data, generator, device), steps=steps, dp=None,
-                        device=device, reduction="sum")
-    for param in model.encoder.parameters():
-        param.requires_grad_(True)
-    return stats.mean_loss
-
-
-@dataclass(frozen=True)
-class DiceResult:
-    """Few-shot segmentation quality over episodes."""
-
-    dice_mean: float
-    dice_ci95: float
-    shots: int
-    episodes: int
-    # The same over query images that have foreground only (an empty image segmented as
-    # empty scores 1 above, which flatters sets with many background-only slices).
-    foreground_dice_mean: float = math.nan
-    foreground_dice_ci95: float = math.nan
-
-
-def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, shots: int,
-                                  queries: int = 10, episodes: int = 20, steps: int = 100,
-                                  lr: float = 1e-3, finetune: str = "decoder", seed: int = 0,
-                                  device: torch.device | None = None) -> DiceResult:
-    """Mean Dice on query images after adapting a fresh decoder on ``shots`` support images.
-
-    Each episode draws disjoint support and query images (seeded), trains a new decoder
-    (and, with ``finetune="all"``, a copy of the encoder) on the support images only,
-    and scores the queries. The interval is 1.96 standard errors over episodes.
-    """
-    device = device or torch.device("cpu")
-    if shots + 1 > len(data):
-        raise ValueError(f"{shots} support images need at least {shots + 1} images, "
-                         f"the site has {len(data)}")
-    rng = np.random.default_rng(seed)
-    scores, foreground_scores = [], []
-    initial = {k: v.clone() for k, v in encoder.state_dict().items()}
-    for episode in range(episodes):
-        order = rng.permutation(len(data))
-        support = data.subset(order[:shots])
-        query = data.subset(order[shots:shots + queries])
-        encoder.load_state_dict(initial)
-        model = Segmenter(encoder, build_decoder(encoder, len(data.classes), seed + episode))
-        fit_segmenter(model, support, steps=steps, batch_size=shots, lr=lr,
-                      seed=seed + episode, device=device, train_encoder=finetune == "all")
-        model.eval()
-        with torch.no_grad():
-            logits = model(torch.from_numpy(query.images).to(device))
-        dice = dice_per_image(logits, torch.from_numpy(query.masks).to(device))
-        scores.append(float(dice.mean()))
-        has_foreground = query.masks.reshape(len(query.masks), -1).any(axis=1)
-        if has_foreground.any():
-            foreground_scores.append(float(dice[has_foreground].mean()))
-    encoder.load_state_dict(initial)
-    mean, ci = mean_ci95(scores)
-    foreground_mean, foreground_ci = mean_ci95(foreground_scores)
-    return DiceResult(mean, ci, shots, len(scores), foreground_mean, foreground_ci)

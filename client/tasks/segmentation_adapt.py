@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from client.fewshot import mean_ci95
 from client.meta_model import (
     MetaModel,
     load_meta_model,
@@ -31,7 +33,7 @@ from client.meta_model import (
     saved_encoder,
 )
 from client.tasks.base import AdaptDefaults, AdaptRequest
-from client.tasks.segmentation import evaluate_fewshot_segmentation, fit_segmenter
+from client.tasks.segmentation_training import dice_per_image, fit_segmenter
 from medmeta_common.checkpoint import atomic_torch_save, atomic_write, atomic_write_text
 from medmeta_common.config import ImageConfig, ModelConfig
 from medmeta_common.data.images import input_files, read_image_file, suffix_of
@@ -40,10 +42,64 @@ from medmeta_common.data.sources import load_segmentation
 from medmeta_common.data.transforms import harmonise_stack
 from medmeta_common.errors import ConfigError, DataError
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
+from medmeta_common.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
 SEGMENTER_FILE = "adapted_segmenter.pt"
+
+
+@dataclass(frozen=True)
+class DiceResult:
+    """Few-shot segmentation quality over episodes."""
+
+    dice_mean: float
+    dice_ci95: float
+    shots: int
+    episodes: int
+    # The same over query images that have foreground only (an empty image segmented as
+    # empty scores 1 above, which flatters sets with many background-only slices).
+    foreground_dice_mean: float = math.nan
+    foreground_dice_ci95: float = math.nan
+
+
+def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, shots: int,
+                                  queries: int = 10, episodes: int = 20, steps: int = 100,
+                                  lr: float = 1e-3, finetune: str = "decoder", seed: int = 0,
+                                  device: torch.device | None = None) -> DiceResult:
+    """Mean Dice on query images after adapting a fresh decoder on ``shots`` support images.
+
+    Each episode draws disjoint support and query images (seeded), trains a new decoder
+    (and, with ``finetune="all"``, a copy of the encoder) on the support images only,
+    and scores the queries. The interval is 1.96 standard errors over episodes.
+    """
+    device = device or torch.device("cpu")
+    if shots + 1 > len(data):
+        raise ValueError(f"{shots} support images need at least {shots + 1} images, "
+                         f"the site has {len(data)}")
+    rng = np.random.default_rng(seed)
+    scores, foreground_scores = [], []
+    initial = {k: v.clone() for k, v in encoder.state_dict().items()}
+    for episode in range(episodes):
+        order = rng.permutation(len(data))
+        support = data.subset(order[:shots])
+        query = data.subset(order[shots:shots + queries])
+        encoder.load_state_dict(initial)
+        model = Segmenter(encoder, build_decoder(encoder, len(data.classes), seed + episode))
+        fit_segmenter(model, support, steps=steps, batch_size=shots, lr=lr,
+                      seed=seed + episode, device=device, train_encoder=finetune == "all")
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(query.images).to(device))
+        dice = dice_per_image(logits, torch.from_numpy(query.masks).to(device))
+        scores.append(float(dice.mean()))
+        has_foreground = query.masks.reshape(len(query.masks), -1).any(axis=1)
+        if has_foreground.any():
+            foreground_scores.append(float(dice[has_foreground].mean()))
+    encoder.load_state_dict(initial)
+    mean, ci = mean_ci95(scores)
+    foreground_mean, foreground_ci = mean_ci95(foreground_scores)
+    return DiceResult(mean, ci, shots, len(scores), foreground_mean, foreground_ci)
 
 
 @dataclass
