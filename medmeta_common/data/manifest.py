@@ -28,7 +28,7 @@ def read_manifest_folder(
     issues: IssueLog,
 ) -> RawSite:
     """Decode every file the manifest lists (of ``split``, when given)."""
-    rows = _read_rows(root / manifest)
+    rows = read_rows(root / manifest)
     has_split = rows and "split" in rows[0][1]
     known = classes or tuple(sorted({row["label"] for _, row in rows if row["label"]}))
     site = RawSite(root=str(root), format="manifest", classes=known)
@@ -68,16 +68,22 @@ def read_manifest_folder(
     return site
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+def read_rows(path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS
+              ) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of a CSV manifest whose header names ``required`` columns.
+
+    Column names are matched case-insensitively and cells stripped; a missing column,
+    an unreadable file or an empty manifest is a :class:`DataError` naming the file.
+    """
     name = str(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = [h.strip().lower() for h in (reader.fieldnames or [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            missing = [c for c in required if c not in header]
             if missing:
                 raise DataError(name, f"missing column(s) {', '.join(missing)}; the header must "
-                                f"name {', '.join(REQUIRED_COLUMNS)}[,split] (found {header})")
+                                f"name {', '.join(required)}[,split] (found {header})")
             reader.fieldnames = header
             rows = [
                 (reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})

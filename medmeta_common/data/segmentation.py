@@ -33,7 +33,6 @@ segmentation site is a whole source image, all its slices or tiles together.
 
 from __future__ import annotations
 
-import csv
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 
 from medmeta_common.data.images import looks_like_image, read_image_file, suffix_of
 from medmeta_common.data.issues import IssueLog
-from medmeta_common.data.manifest import inside
+from medmeta_common.data.manifest import inside, read_rows
 from medmeta_common.data.records import (
     SPLITS,
     LoadIssue,
@@ -139,21 +138,7 @@ class _Pair:
 
 def _manifest_pairs(folder: Path, manifest: Path, issues: IssueLog) -> list[_Pair]:
     """The pairs a segmentation manifest lists; bad rows reported by line."""
-    name = str(manifest)
-    try:
-        with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [h.strip().lower() for h in (reader.fieldnames or [])]
-            missing = [c for c in MANIFEST_COLUMNS if c not in header]
-            if missing:
-                raise DataError(name, f"missing column(s) {', '.join(missing)}; a segmentation "
-                                f"manifest names {', '.join(MANIFEST_COLUMNS)}[,split] "
-                                f"(found {header})")
-            reader.fieldnames = header
-            rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
-                    for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(name, f"unreadable manifest ({type(exc).__name__}: {exc})") from None
+    rows = read_rows(manifest, MANIFEST_COLUMNS)
     pairs = []
     for line, row in rows:
         where = f"{manifest.name} line {line}"
