@@ -22,6 +22,7 @@ from medmeta_common.config import (
     TrainConfig,
 )
 from medmeta_common.config.tasks import DEFAULT_TILE
+from medmeta_common.models.prior import PRIORS_DIR
 from medmeta_common.protocol import rebuild
 from medmeta_common.update_codec import ENCODINGS
 
@@ -41,6 +42,13 @@ class SiteRuntime:
     cache_data: bool = True
     task: str = "classification"
     tile: int = DEFAULT_TILE
+    # Where the site looks for file priors by hash (default: its state directory's).
+    prior_folders: tuple[Path, ...] = ()
+
+    @property
+    def priors(self) -> tuple[Path, ...]:
+        """The folders searched for a file prior, the state directory's last."""
+        return (*self.prior_folders, self.state_dir / PRIORS_DIR)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class RoundSettings:
     server_round: int
     seed: int
     update_encoding: str = "float32"
+    prior_sha256: str = "none"
 
 
 def read_settings(config: Mapping[str, Any]) -> RoundSettings:
@@ -68,6 +77,7 @@ def read_settings(config: Mapping[str, Any]) -> RoundSettings:
         server_round=int(config.get("server-round", 0)),
         seed=int(config.get("seed", 0)),
         update_encoding=_update_encoding(config),
+        prior_sha256=str(config.get("prior-sha256", "none")),
     )
 
 

@@ -28,7 +28,7 @@ from medmeta.inprocess import Mod
 from medmeta.simulate import SimulatedSites, run_simulation
 from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig
 from medmeta_common.data.records import SiteData
-from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.models.factory import build_encoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 from server.state import RunState
@@ -38,7 +38,7 @@ from server.state import RunState
 class Federated:
     """A finished federation: its final encoder and its per-round train records."""
 
-    encoder: Encoder
+    encoder: SharedEncoder
     rounds: list[dict[str, Any]]
 
 
@@ -71,7 +71,7 @@ def pooled_training_data(config: FederationConfig, state_root: Path) -> SiteData
 
 
 def train_centralized(config: FederationConfig, state_root: Path, *, steps: int,
-                      device: str = "cpu") -> Encoder:
+                      device: str = "cpu") -> SharedEncoder:
     """Non-private training on the pooled data (the upper bound), same recipe otherwise."""
     data = pooled_training_data(config, state_root)
     encoder = build_encoder(config.model, config.image, config.seed)

@@ -30,7 +30,8 @@ def write_report(out_dir: Path, config: FederationConfig, records: list[dict[str
         f"- {len(config.sites)} site(s), {config.rounds} round(s) of "
         f"{config.train.local_steps} local step(s); loss `{config.train.loss}`; meta-update "
         f"`{config.server.optimizer}` with meta-lr {config.server.meta_lr}",
-        f"- encoder `{config.model.preset}`, images {config.image.size}x{config.image.size}, "
+        f"- encoder `{config.model.backbone}` (weights `{config.model.weights}`, trainable "
+        f"`{config.train.trainable}`), images {config.image.size}x{config.image.size}, "
         f"{config.image.channels} channel(s)",
         "",
         "## Few-shot validation accuracy at the training sites",

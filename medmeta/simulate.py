@@ -24,6 +24,7 @@ from medmeta_common.checkpoint import atomic_write_json
 from medmeta_common.config import FederationConfig
 from medmeta_common.config.fingerprint import SCHEMA_VERSION
 from medmeta_common.errors import CheckpointError, FederationError
+from medmeta_common.models.prior import PRIORS_DIR
 from server.app import run_federation
 from server.state import RunState
 
@@ -51,6 +52,7 @@ class SimulatedSites:
             threads=max(1, int(self.config.runtime.cpus_per_site)),
             task=site.task,
             tile=site.tile,
+            prior_folders=(self.out_dir / PRIORS_DIR,),
         )
 
 

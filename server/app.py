@@ -17,11 +17,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from medmeta_common.checkpoint import checkpoint_payload
+from medmeta_common.checkpoint import atomic_write, checkpoint_payload
 from medmeta_common.config import MethodConfig
 from medmeta_common.errors import FederationError
-from medmeta_common.models.factory import build_encoder
-from medmeta_common.protocol import flatten, layout_of
+from medmeta_common.models.factory import build_encoder, trainable_arrays, trainable_layout
+from medmeta_common.models.prior import PRIORS_DIR, prior_sha256
+from medmeta_common.protocol import flatten
 from medmeta_common.wire import numpy_to_arrays, to_config_record
 from server.meta_update import MetaOptimizer
 from server.plots import write_plots, write_rounds_csv
@@ -35,24 +36,43 @@ log = logging.getLogger("medmeta.server")
 RunConfig = MethodConfig
 
 
-def settings_record(config: RunConfig) -> ConfigRecord:
-    """The settings every site needs each round, as flat typed entries."""
+def settings_record(config: RunConfig, prior: str) -> ConfigRecord:
+    """The settings every site needs each round, as flat typed entries.
+
+    ``prior`` names the public prior by its SHA-256: a site whose prior differs refuses.
+    """
     entries: dict[str, Any] = {}
     for prefix in ("image", "model", "train", "evaluation"):
         entries.update(flatten(getattr(config, prefix), prefix))
     entries.update({"planned-rounds": config.rounds, "seed": config.seed,
-                    "update-encoding": config.server.update_encoding})
+                    "update-encoding": config.server.update_encoding, "prior-sha256": prior})
     return to_config_record(entries)
+
+
+def publish_prior(config: RunConfig, out_dir: Path) -> str:
+    """The prior's SHA-256; a file prior is copied into ``out_dir/priors/<sha256>.pt``.
+
+    The copy lets simulated sites and ``medmeta adapt`` at a new site find the prior
+    by its hash next to the checkpoints (it is public: it holds no site's data).
+    """
+    sha = prior_sha256(config.model.weights)
+    if config.model.has_file_prior:
+        target = out_dir / PRIORS_DIR / f"{sha}.pt"
+        if not target.exists():
+            data = Path(config.model.weights).read_bytes()
+            atomic_write(target, lambda handle: handle.write(data))
+    return sha
 
 
 class RunRecorder:
     """Writes the checkpoint and metrics of each round, and logs progress."""
 
-    def __init__(self, state: RunState, config: RunConfig,
-                 meta_optimizer: MetaOptimizer) -> None:
+    def __init__(self, state: RunState, config: RunConfig, meta_optimizer: MetaOptimizer,
+                 prior: str) -> None:
         self.state = state
         self.config = config
         self.meta_optimizer = meta_optimizer
+        self.prior = prior
 
     def train_done(self, round_number: int, encoder: dict[str, np.ndarray],
                    record: dict[str, Any]) -> None:
@@ -62,7 +82,9 @@ class RunRecorder:
             round_number=round_number, encoder_state=encoder,
             image=asdict(self.config.image), model=asdict(self.config.model),
             config_hash=self.config.hash(), federation=self.config.name,
-            server_optimizer=self.meta_optimizer.state_dict())
+            server_optimizer=self.meta_optimizer.state_dict(),
+            prior={"sha256": self.prior, "weights": self.config.model.weights,
+                   "trainable": self.config.train.trainable, "seed": str(self.config.seed)})
         self.state.save_checkpoint(round_number, payload)
         sites = record["sites"]
         epsilons = [m["epsilon"] for m in sites.values() if isinstance(m.get("epsilon"), float)]
@@ -93,7 +115,9 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
     random.seed(config.seed)  # Flower samples sites with the `random` module
     state = RunState(out_dir)
     encoder = build_encoder(config.model, config.image, config.seed)
-    initial = {k: v.numpy() for k, v in encoder.state_dict().items()}
+    trainable = config.train.trainable
+    prior = publish_prior(config, out_dir)
+    initial = trainable_arrays(encoder, trainable)
     offset, optimizer_state = 0, {}
     if resume:
         latest = state.check_resumable(config)
@@ -109,16 +133,16 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
     meta_optimizer.load_state_dict(optimizer_state)
     strategy = MetaStrategy(
         meta_optimizer=meta_optimizer,
-        layout=layout_of(encoder),
+        layout=trainable_layout(encoder, trainable),
         min_sites=config.min_sites,
         round_offset=offset,
-        recorder=RunRecorder(state, config, meta_optimizer),
+        recorder=RunRecorder(state, config, meta_optimizer, prior),
         fraction_train=config.server.fraction_train,
         fraction_evaluate=config.server.fraction_evaluate,
         evaluate_every=config.server.evaluate_every,
         last_round=config.rounds,
     )
-    settings = settings_record(config)
+    settings = settings_record(config, prior)
     if config.server.secure_aggregation is not None:
         from server.secure import run_secure_rounds
 

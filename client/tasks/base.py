@@ -37,7 +37,7 @@ from medmeta_common.privacy.sampling import PoissonSampler, Sampler
 
 if TYPE_CHECKING:
     from client.settings import RoundSettings, SiteRuntime
-    from medmeta_common.models.encoder import Encoder
+    from medmeta_common.models.encoder import SharedEncoder
 
 Metrics = dict[str, float | int]
 
@@ -153,7 +153,7 @@ class Task(ABC, Generic[D]):
         return None  # every task accepts every setting by default
 
     @abstractmethod
-    def site_model(self, site: SiteRuntime, encoder: Encoder, data: D,
+    def site_model(self, site: SiteRuntime, encoder: SharedEncoder, data: D,
                    settings: RoundSettings) -> torch.nn.Module:
         """The encoder with this site's local parts, from its state directory or fresh."""
 
@@ -187,7 +187,7 @@ class Task(ABC, Generic[D]):
     # --- evaluation and a new site ---------------------------------------------------
 
     @abstractmethod
-    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: Encoder,
+    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder,
                  val: D, device: torch.device) -> Metrics:
         """The validation metric of ``encoder`` at this site (released in the reply)."""
 

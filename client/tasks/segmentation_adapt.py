@@ -41,8 +41,8 @@ from medmeta_common.data.segmentation import CLASSES, SegmentationData
 from medmeta_common.data.sources import load_segmentation
 from medmeta_common.data.transforms import harmonise_stack
 from medmeta_common.errors import ConfigError, DataError
-from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
-from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.decoder import Segmenter, build_decoder, decoder_for
+from medmeta_common.models.encoder import SharedEncoder
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DiceResult:
     foreground_dice_ci95: float = math.nan
 
 
-def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, shots: int,
+def evaluate_fewshot_segmentation(encoder: SharedEncoder, data: SegmentationData, *, shots: int,
                                   queries: int = 10, episodes: int = 20, steps: int = 100,
                                   lr: float = 1e-3, finetune: str = "decoder", seed: int = 0,
                                   device: torch.device | None = None) -> DiceResult:
@@ -148,7 +148,7 @@ def load_segmenter(folder: Path) -> AdaptedSegmenter:
     payload = read_model_file(path, "medmeta-adapted-segmenter", "a medmeta adapted segmenter")
     image, model_config = model_settings(payload, str(path))
     encoder = saved_encoder(payload["encoder"], image, model_config, str(path))
-    decoder = UNetDecoder(encoder.spec.widths, len(CLASSES), encoder.spec.norm_groups)
+    decoder = decoder_for(encoder, len(CLASSES))
     decoder.load_state_dict(payload["decoder"])
     return AdaptedSegmenter(Segmenter(encoder, decoder).eval(), image, model_config,
                             int(payload["tile"]), dict(payload.get("info", {})))

@@ -20,6 +20,7 @@ from medmeta_common.config.federation import (
     MethodConfig,
     RuntimeConfig,
     load_config,
+    with_resolved_weights,
 )
 from medmeta_common.config.privacy import PrivacyConfig
 from medmeta_common.config.tasks import DEFAULT_TILE, TaskName, check_task_fields
@@ -100,6 +101,9 @@ class SiteDeployConfig:
     cache_data: bool = True
     task: TaskName = "classification"
     tile: int = DEFAULT_TILE
+    # Folders where the site keeps file priors (found by their SHA-256; the state
+    # directory's ``priors/`` is searched too).
+    priors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, field="name",
@@ -133,6 +137,7 @@ def load_server_config(path: Path | str) -> ServerConfig:
     base = path.resolve().parent
     return replace(
         config,
+        model=with_resolved_weights(config.model, base),
         state_dir=resolve_path(base, config.state_dir),
         sites=tuple(replace(s, public_key=resolve_path(base, s.public_key))
                     for s in config.sites),
@@ -149,6 +154,7 @@ def load_site_config(path: Path | str) -> SiteDeployConfig:
     return replace(config, data=with_resolved_path(config.data, base),
                    state_dir=resolve_path(base, config.state_dir),
                    root_certificate=_resolve(base, config.root_certificate),
+                   priors=tuple(resolve_path(base, p) for p in config.priors),
                    private_key=_resolve(base, config.private_key))
 
 

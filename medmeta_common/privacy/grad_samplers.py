@@ -1,5 +1,10 @@
 """Opacus per-sample-gradient rules for our own layers (imported for its side effect).
 
+:class:`~medmeta_common.models.efficientnet.ChannelAffine` (the trainable scale and
+shift of a frozen-statistics BatchNorm, ``y = x · w + b`` per channel) has the exact
+per-sample gradients ``dL/dw_c = Σ_hw x·g`` and ``dL/db_c = Σ_hw g`` of each sample's
+input ``x`` and output gradient ``g``: no other sample enters.
+
 :class:`~medmeta_common.models.encoder.StandardizedConv2d` convolves with standardised
 filters ``w_hat = (w - mean(w)) / s`` (``s = sqrt(var(w) + eps)``, per output filter).
 Each sample's gradient ``g`` with respect to ``w_hat`` is the usual convolution weight
@@ -17,7 +22,23 @@ from __future__ import annotations
 import torch
 from opacus.grad_sample import register_grad_sampler
 
+from medmeta_common.models.efficientnet import ChannelAffine
 from medmeta_common.models.encoder import StandardizedConv2d
+
+
+# Opacus ships no types, so its registering decorator is untyped.
+@register_grad_sampler(ChannelAffine)  # type: ignore[untyped-decorator]
+def channel_affine_grad_sample(
+    layer: ChannelAffine, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of a per-channel scale and shift (FiLM)."""
+    x = activations[0].to(backprops.dtype)
+    result: dict[torch.Tensor, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        result[layer.weight] = (x * backprops).sum(dim=(2, 3))
+    if layer.bias.requires_grad:
+        result[layer.bias] = backprops.sum(dim=(2, 3))
+    return result
 
 
 # Opacus ships no types, so its registering decorator is untyped.
