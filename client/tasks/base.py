@@ -94,7 +94,7 @@ class AdaptRequest:
     queries: int
     episodes: int | None
     finetune_steps: int | None
-    finetune: Literal["head", "all"]
+    finetune: Literal["head", "film", "all"]
     tile: int
     seed: int
     save: Path | None

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from client.fewshot import (
+    FINETUNE_LR,
     FewShotResult,
     FinetuneMode,
     embed,
     evaluate_fewshot,
-    finetune_all,
+    finetune_encoder,
     fit_head,
 )
 from client.meta_model import (
@@ -70,7 +71,8 @@ def evaluate_site(meta: MetaModel, data: DataConfig, fewshot: FewShotConfig, *, 
 
 
 def adapt(meta: MetaModel, site: SiteData, *, finetune_steps: int = 0,
-          finetune: FinetuneMode = "head", device: torch.device | None = None) -> AdaptedModel:
+          finetune: FinetuneMode = "head", device: torch.device | None = None,
+          lr: float | None = None) -> AdaptedModel:
     """A classifier for the site's classes from all its labelled images.
 
     Prototypes of the labelled images initialise a cosine head; with
@@ -85,15 +87,17 @@ def adapt(meta: MetaModel, site: SiteData, *, finetune_steps: int = 0,
     labels = torch.from_numpy(site.labels).to(device)
     n_classes = len(site.classes)
     encoder: torch.nn.Module = meta.encoder
-    if finetune == "all" and finetune_steps > 0:
-        encoder, head = finetune_all(meta.encoder, torch.from_numpy(site.images).to(device),
-                                     labels, n_classes, finetune_steps,
-                                     meta.model.cosine_scale, device, amp=False)
+    rate = lr or FINETUNE_LR[finetune]
+    if finetune != "head" and finetune_steps > 0:
+        encoder, head = finetune_encoder(meta.encoder, torch.from_numpy(site.images).to(device),
+                                         labels, n_classes, finetune_steps,
+                                         meta.model.cosine_scale, device, amp=False, lr=rate,
+                                         part=finetune)
     else:
         embeddings = embed(meta.encoder, site.images, device)
         with torch.enable_grad():
             head = fit_head(embeddings, labels, n_classes, finetune_steps,
-                            meta.model.cosine_scale)
+                            meta.model.cosine_scale, lr=rate)
     counts = {c: int(n) for c, n in zip(site.classes, np.bincount(site.labels, minlength=n_classes),
                                         strict=True)}
     info = {"classes": list(site.classes), "images_per_class": counts,

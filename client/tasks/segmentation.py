@@ -101,7 +101,7 @@ class SegmentationTask(Task[SegmentationData]):
 
     def optimizer(self, model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         """Adam on the encoder and decoder."""
-        return segmenter_optimizer(model, SEGMENTATION_LR, train_encoder=True)
+        return segmenter_optimizer(model, SEGMENTATION_LR)
 
     def sampling(self, data: SegmentationData, train: TrainConfig) -> SamplingPlan:
         """Poisson sampling of ``train.batch_size`` expected rows a step (no class draw)."""
@@ -116,12 +116,6 @@ class SegmentationTask(Task[SegmentationData]):
              generator: torch.Generator, device: torch.device, amp: bool) -> TaskLoss:
         """The per-row Dice + cross-entropy loss of the module docstring."""
         return segmentation_loss(data, generator, device)
-
-    def after_training(self, model: torch.nn.Module) -> None:
-        """The encoder's parameters train again by default."""
-        assert isinstance(model, Segmenter)
-        for param in model.encoder.parameters():
-            param.requires_grad_(True)
 
     def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder,
                  val: SegmentationData, device: torch.device) -> Metrics:
