@@ -51,6 +51,10 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: SharedEncod
     private = site.privacy.enabled
     task.check_settings(settings, private=private)
     data = site_splits(site, settings.image, settings.seed).train
+    unused = set(encoder.unused_by(task.encoder_output))
+    for name, param in encoder.named_parameters():  # no gradient can reach them this round
+        if name in unused:
+            param.requires_grad_(False)
     model = task.site_model(site, encoder, data, settings)
     device = pick_device(site.device)  # type: ignore[arg-type]
     seed = site_seed(site.name, settings.seed * 100_003 + settings.server_round)

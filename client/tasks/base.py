@@ -121,6 +121,8 @@ class Task(ABC, Generic[D]):
     rows: ClassVar[str]
     # Without DP, minimise the batch's mean or sum of per-row terms.
     reduction: ClassVar[Literal["mean", "sum"]] = "mean"
+    # What of the encoder the task's loss reads: its embedding, or its feature maps.
+    encoder_output: ClassVar[Literal["embedding", "features"]] = "embedding"
     adapt_defaults: ClassVar[AdaptDefaults]
 
     # --- data ----------------------------------------------------------------------

@@ -64,6 +64,7 @@ class SegmentationTask(Task[SegmentationData]):
     record = "one source image (a volume with all its slices, an image with all its tiles)"
     rows = "slices/tiles"
     reduction = "sum"
+    encoder_output = "features"
     adapt_defaults = AdaptDefaults(episodes=20, finetune_steps=100)
 
     def read(self, data: DataConfig, image: ImageConfig, *, tile: int) -> SegmentationData:

@@ -179,14 +179,23 @@ class EfficientNetLite0(SharedEncoder):
         return StageSpec(tuple(LITE0_STAGES[i - 1][5] for i in SKIP_STAGES),
                          tuple(strides[i - 1] for i in SKIP_STAGES))
 
-    def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Every block group's output and the head's (index 0 is stage 1)."""
+    def unused_by(self, output: str) -> list[str]:
+        """The stages after the deepest one ``forward`` pools or ``features`` returns."""
+        last = max(self.pool) if output == "embedding" else max(SKIP_STAGES)
+        later = [f"stages.{i}." for i in range(last, len(self.stages))]
+        if last <= len(self.stages):
+            later.append("head.")
+        return [n for n, _ in self.named_parameters() if n.startswith(tuple(later))]
+
+    def stage_outputs(self, images: torch.Tensor, last: int = 8) -> list[torch.Tensor]:
+        """The outputs of stages ``1 .. last`` (8: the head), index 0 being stage 1."""
         x = self.stem(images * 2 - 1)  # [0, 1] -> the [-1, 1] the weights were trained with
         outputs = []
-        for stage in self.stages:
+        for stage in self.stages[:last]:
             x = stage(x)
             outputs.append(x)
-        outputs.append(self.head(x))
+        if last > len(self.stages):
+            outputs.append(self.head(x))
         return outputs
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -195,13 +204,14 @@ class EfficientNetLite0(SharedEncoder):
         return [outputs[i - 1] for i in SKIP_STAGES]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``(B, D)``: the L2-normalised pools of the ``pool`` maps, concatenated."""
-        outputs = self.stage_outputs(images) if self.pool != (8,) else None
-        if outputs is None:  # the common case, without keeping every map
-            x = self.stem(images * 2 - 1)
-            for stage in self.stages:
-                x = stage(x)
-            return self.head(x).mean(dim=(2, 3))
+        """Embeddings ``(B, D)``: the pools of the ``pool`` maps, concatenated.
+
+        With several maps each pool is L2-normalised first; stages after the deepest
+        pooled one are not run.
+        """
+        outputs = self.stage_outputs(images, last=max(self.pool))
+        if len(self.pool) == 1:
+            return outputs[self.pool[0] - 1].mean(dim=(2, 3))
         pooled = [F.normalize(outputs[i - 1].mean(dim=(2, 3)), dim=1) for i in self.pool]
         return torch.cat(pooled, dim=1)
 

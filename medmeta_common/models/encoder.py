@@ -73,6 +73,14 @@ class SharedEncoder(nn.Module):
         """The feature maps of :attr:`skip_spec`."""
         raise NotImplementedError
 
+    def unused_by(self, output: str) -> list[str]:
+        """Parameters that ``forward`` (``embedding``) or ``features`` never reaches.
+
+        DP-SGD needs a per-sample gradient for every parameter it trains, so a site
+        freezes these for its round (they return unchanged).
+        """
+        return []
+
 
 class Encoder(SharedEncoder):
     """Convolutional encoder; ``forward`` returns ``(B, embedding_dim)`` embeddings."""
