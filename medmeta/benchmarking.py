@@ -29,8 +29,9 @@ from medmeta.simulate import SimulatedSites, run_simulation
 from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig
 from medmeta_common.data.records import SiteData
 from medmeta_common.models.encoder import SharedEncoder
-from medmeta_common.models.factory import build_encoder
+from medmeta_common.models.factory import build_encoder, freeze_all_but
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from medmeta_common.privacy.dp_sgd import DPSettings
 from server.state import RunState
 
 
@@ -71,16 +72,32 @@ def pooled_training_data(config: FederationConfig, state_root: Path) -> SiteData
 
 
 def train_centralized(config: FederationConfig, state_root: Path, *, steps: int,
-                      device: str = "cpu") -> SharedEncoder:
-    """Non-private training on the pooled data (the upper bound), same recipe otherwise."""
+                      device: str = "cpu", dp: DPSettings | None = None) -> SharedEncoder:
+    """Training on the pooled data of all sites, with the federation's recipe.
+
+    Non-private (``dp=None``) it is the upper bound; with ``dp`` it is record-level
+    DP-SGD on the pooled data (the rate must be the plan's, :func:`pooled_rate`).
+    """
     data = pooled_training_data(config, state_root)
     encoder = build_encoder(config.model, config.image, config.seed)
+    freeze_all_but(encoder, config.train.trainable)
+    unused = set(encoder.unused_by("embedding"))
+    for name, param in encoder.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
     head = CosineClassifier(encoder.embedding_dim, len(data.classes), config.model.cosine_scale)
     train = replace(config.train, local_steps=steps, ways=None)
     local_training(get_task("classification"), EncoderWithHead(encoder, head), data, train,
-                   dp=None, seed=config.seed, device=torch.device(device),
+                   dp=dp, seed=config.seed, device=torch.device(device),
                    amp=config.runtime.amp, units=None)
     return encoder.cpu().eval()
+
+
+def pooled_rate(config: FederationConfig, state_root: Path) -> tuple[float, int]:
+    """The Poisson rate of ``train.batch_size`` on the pooled data, and its size."""
+    data = pooled_training_data(config, state_root)
+    plan = get_task("classification").sampling(data, replace(config.train, ways=None))
+    return plan.rate, len(data)
 
 
 # --- Held-out few-shot scenarios ---------------------------------------------------------
