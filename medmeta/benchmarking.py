@@ -228,7 +228,8 @@ def scenario_data(data_dir: Path, split: Split, folder: Path) -> dict[str, DataC
 
 def evaluate(encoder: torch.nn.Module, config: FederationConfig, scenarios: dict[str, Any],
              shots: list[int], episodes: int, *, finetune_steps: int = 0,
-             finetune: str = "head", max_episodes: int | None = None) -> dict[str, dict]:
+             finetune: str = "head", finetune_lr: float | None = None,
+             max_episodes: int | None = None) -> dict[str, dict]:
     """Accuracy per scenario and K (same seeded episodes for every encoder)."""
     results: dict[str, dict] = {}
     for name, site in scenarios.items():
@@ -236,13 +237,13 @@ def evaluate(encoder: torch.nn.Module, config: FederationConfig, scenarios: dict
         for k in shots:
             fewshot = FewShotConfig(ways=WAYS[name], shots=k, queries=15,
                                     episodes=min(episodes, max_episodes or episodes),
-                                    finetune_steps=finetune_steps)
+                                    finetune_steps=finetune_steps, finetune_lr=finetune_lr)
             r = evaluate_fewshot(encoder, site.images, site.labels, len(site.classes), fewshot,
                                  seed=1234, device=torch.device("cpu"),
                                  finetune=finetune,  # type: ignore[arg-type]
                                  scale=config.model.cosine_scale)
             results[name][str(k)] = {"mean": r.accuracy_mean, "ci95": r.accuracy_ci95,
-                                     "episodes": r.episodes}
+                                     "episodes": r.episodes, "accuracies": list(r.accuracies)}
     return results
 
 
