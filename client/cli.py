@@ -96,10 +96,11 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     adapt.add_argument("--finetune-steps", type=int, default=None,
                        help="fine-tuning steps on the support images (default 0: prototypes "
                        "only; segmentation: 100 decoder steps)")
-    adapt.add_argument("--finetune", choices=("head", "film", "all"), default="head",
+    adapt.add_argument("--finetune", choices=("head", "film", "all"), default=None,
                        help="fine-tune the head (segmentation: the decoder) only, with the "
                        "encoder's FiLM parameters (BatchNorm scale and shift; "
-                       "efficientnet_lite0), or with the whole encoder")
+                       "efficientnet_lite0), or with the whole encoder (default: the task's "
+                       "measured best, docs/method.md)")
     adapt.add_argument("--tile", type=int, default=DEFAULT_TILE,
                        help="segmentation: tile size for large 2-D images")
     adapt.add_argument("--seed", type=int, default=0, help="seed of the episode draw")

@@ -213,3 +213,23 @@ def test_a_site_with_another_prior_refuses(tmp_path) -> None:  # type: ignore[no
     (tmp_path / "priors").mkdir()
     (tmp_path / "priors" / "copy.pt").write_bytes(weights.read_bytes())
     assert prior_file(missing, site) == tmp_path / "priors" / "copy.pt"
+
+
+def test_the_segmentation_decoder_reads_the_priors_stages() -> None:
+    from medmeta_common.models.decoder import Segmenter, build_decoder
+
+    encoder = build_encoder(IMAGENET, IMAGE, 0)
+    freeze_all_but(encoder, "film")
+    unused = set(encoder.unused_by("features"))
+    assert unused and all(n.startswith("head.") for n in unused)  # the decoder reads stage 7
+    for name, param in encoder.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+    model = Segmenter(encoder, build_decoder(encoder, 2, 0)).train()
+    for size in (64, 96):
+        logits = model(torch.rand(2, 3, size, size))
+        assert logits.shape == (2, 2, size, size)  # upsampled from the half-resolution map
+    gsm = GradSampleModule(model, loss_reduction="sum")  # DP-SGD accepts it as it is
+    gsm(torch.rand(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad_sample is not None for p in model.parameters() if p.requires_grad)
+    gsm.to_standard_module()

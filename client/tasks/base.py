@@ -94,7 +94,7 @@ class AdaptRequest:
     queries: int
     episodes: int | None
     finetune_steps: int | None
-    finetune: Literal["head", "film", "all"]
+    finetune: Literal["head", "film", "all"] | None
     tile: int
     seed: int
     save: Path | None
@@ -102,10 +102,23 @@ class AdaptRequest:
 
 @dataclass(frozen=True)
 class AdaptDefaults:
-    """A task's defaults for ``medmeta adapt`` flags left unset (shown in ``--help``)."""
+    """A task's defaults for ``medmeta adapt`` flags left unset (shown in ``--help``).
+
+    Fine-tuning (``finetune`` mode, ``finetune_steps`` at ``finetune_lr``) is the default
+    from ``finetune_from_shots`` labelled images per class up; below it, prototypes alone.
+    """
 
     episodes: int
     finetune_steps: int
+    finetune: Literal["head", "film", "all"] = "head"
+    finetune_lr: float | None = None
+    finetune_from_shots: int = 1
+
+    def steps_for(self, shots: int, asked: int | None) -> int:
+        """The fine-tuning steps of an adaptation with ``shots`` (``asked`` wins)."""
+        if asked is not None:
+            return asked
+        return self.finetune_steps if shots >= self.finetune_from_shots else 0
 
 
 D = TypeVar("D", bound=TaskData)

@@ -142,18 +142,19 @@ def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
     if request.ways is None:
         raise ConfigError(source="--ways", field="ways", expected="the number of classes per "
                           "episode (required for classification)", found="nothing")
-    steps = defaults.finetune_steps if request.finetune_steps is None \
-        else request.finetune_steps
+    steps = defaults.steps_for(request.shots, request.finetune_steps)
+    mode = request.finetune or defaults.finetune
     fewshot = build(FewShotConfig, {"ways": request.ways, "shots": request.shots,
                                     "queries": request.queries,
                                     "episodes": request.episodes or defaults.episodes,
-                                    "finetune_steps": steps}, source="command line")
+                                    "finetune_steps": steps,
+                                    "finetune_lr": defaults.finetune_lr}, source="command line")
     meta = load_meta_model(request.checkpoint)
     result = evaluate_site(meta, request.data, fewshot, seed=request.seed,
-                           finetune=request.finetune)
+                           finetune=mode)
     if request.save is not None:
         adapted = adapt(meta, load_site(request.data, meta.image), finetune_steps=steps,
-                        finetune=request.finetune)
+                        finetune=mode, lr=defaults.finetune_lr)
         path = save_adapted(adapted, request.save)
         log.info("adapted model for classes %s written to %s", list(adapted.classes), path)
     summary = (f"{result.ways}-way {result.shots}-shot accuracy: "

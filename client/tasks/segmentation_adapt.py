@@ -252,9 +252,9 @@ def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
                           found=str(request.shots))
     meta = load_meta_model(request.checkpoint)
     data = load_segmentation(request.data, meta.image, tile=request.tile)
-    steps = defaults.finetune_steps if request.finetune_steps is None \
-        else request.finetune_steps
-    finetune = "decoder" if request.finetune == "head" else request.finetune
+    steps = defaults.steps_for(request.shots, request.finetune_steps)
+    mode = request.finetune or defaults.finetune
+    finetune = "decoder" if mode == "head" else mode
     result = evaluate_fewshot_segmentation(
         meta.encoder, data, shots=request.shots, queries=request.queries,
         episodes=request.episodes or defaults.episodes, steps=steps, finetune=finetune,
