@@ -104,7 +104,11 @@ class TaskLauncher:
                 self.stopping.wait(1.0)
                 continue
             if response.HasField("task") and response.token:
-                self.launch(response.token, response.task.run_id)
+                try:
+                    self.launch(response.token, response.task.run_id)
+                except OSError as exc:  # the claimed task expires; Flower reports it failed
+                    log.error("could not start a ClientApp runner for run %s: %s",
+                              response.task.run_id, exc)
             self.runners = [r for r in self.runners if r.poll() is None]
             self.stopping.wait(POLL_SECONDS)
 

@@ -76,10 +76,10 @@ def judge_bundle(policy: AppPolicyConfig, bundle: bytes, signature: str) -> Verd
     check = check_signature(signature, digest, policy.trusted_keys)
     if check.ok:
         return verdict(True, check.reason, check.detail)
-    pinned = ", and its sha256 is not in app.allowed_hashes" if policy.allowed_hashes else ""
+    pinned = ", and its sha256 is not pinned" if policy.allowed_hashes else ""
     if check.reason == UNSIGNED:
-        return verdict(False, UNSIGNED, "the run carries no release signature (the operator "
-                       f"submitted it without `release:` in server.yaml){pinned}")
+        return verdict(False, UNSIGNED, "the run carries no release signature (no "
+                       f"`release:` in the operator's server.yaml){pinned}")
     return verdict(False, check.reason, check.detail + pinned)
 
 

@@ -53,14 +53,17 @@ log = logging.getLogger("medmeta.site")
 
 
 def refusal_reason(site: str, verdict: Verdict, bundle: bytes) -> str:
-    """The error a refused run gets: the site, the reason, the bundle, what happened."""
+    """The error a refused run gets: the site, the reason, the bundle, what happened.
+
+    Kept short: the server records the first 300 characters of a site's error.
+    """
     try:
         app, version = bundle_metadata(bundle)
         what = f"{app} {version}, "
     except Exception:  # noqa: BLE001 - a refused bundle may be anything; name it by hash
         what = ""
     return (f"site {site} refused the app bundle ({what}sha256 {verdict.bundle_sha256[:16]}…): "
-            f"{verdict.reason}: {verdict.detail}. Nothing from the bundle was run.")
+            f"{verdict.reason}: {verdict.detail}; nothing from it ran")
 
 
 def run_signature(run_config: Mapping[str, object]) -> str:

@@ -133,8 +133,8 @@ def statement_from_token(token: str) -> ReleaseStatement:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw.decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not a release signature token ({exc})") from None
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise ValueError("not base64url-encoded JSON") from None
     return statement_from_mapping(data)
 
 
