@@ -137,6 +137,7 @@ def run_certs_site(args: argparse.Namespace) -> int:
 
 def run_site_check(args: argparse.Namespace) -> int:
     """Check the site's set-up and connection."""
+    from client.app_policy import describe_policy
     from client.supernode import preflight
     from medmeta_common.config.deploy import load_site_config
 
@@ -146,17 +147,20 @@ def run_site_check(args: argparse.Namespace) -> int:
     preflight(config)
     print(f"site {config.name}: data, state directory, keys and the connection to "
           f"{config.superlink} look right")
+    print(f"site {config.name}: {describe_policy(config.app)}")
     return 0
 
 
 def run_site_start(args: argparse.Namespace) -> int:
     """Check, then run the SuperNode in the foreground."""
+    from client.app_policy import announce_policy
     from client.supernode import preflight, run_supernode
     from medmeta_common.config.deploy import load_site_config
 
     config = load_site_config(args.config)
     if config.insecure:
         warn_insecure(f"site {config.name}")
+    announce_policy(config.name, config.app)
     if not config.privacy.enabled:
         log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
                     config.name)

@@ -1,4 +1,4 @@
-"""The consortium operator's commands: ``certs init``, ``certs server`` and ``server``.
+"""The consortium operator's commands: ``certs init``, ``certs server``, ``server``, ``release``.
 
 ``medmeta server start`` runs the aggregation server (a Flower SuperLink with TLS and
 SuperNode authentication, the sites registered, the meta-learning run submitted);
@@ -110,6 +110,14 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     stop = operator_commands.add_parser("stop", help="stop the run and the SuperLink")
     stop.add_argument("--config", type=Path, required=True, help="server.yaml")
     stop.set_defaults(handler=run_server_stop)
+    register_release(commands)
+
+
+def register_release(commands: Commands) -> None:
+    """Add ``release keygen|sign|verify`` (the release manager's, see :mod:`server.release`)."""
+    from server import release
+
+    release.register(commands)
 
 def run_certs_init(args: argparse.Namespace) -> int:
     """Create the consortium CA."""
@@ -222,6 +230,7 @@ def run_server_status(args: argparse.Namespace) -> int:
         for node in status.get("nodes", []):
             print(f"  {node['site'] or '(unknown)':<20} node {node['id']}  {node['status']}")
     print(f"rounds: {status['rounds_done']}/{status['rounds_planned']}")
+    print_site_problems(status["last_round_sites"], registered_site_names(args.config))
     if status["last_accuracy"] is not None:
         print(f"few-shot validation accuracy (last round): {status['last_accuracy']:.3f}")
     for site, eps in sorted(status["epsilon"].items()):
@@ -229,6 +238,23 @@ def run_server_status(args: argparse.Namespace) -> int:
     if status["central_epsilon"] is not None:
         print(f"site-level (central) epsilon at the server: {status['central_epsilon']:.3f}")
     return 0
+
+
+def registered_site_names(config_path: Path) -> dict[str, str]:
+    """``node-<id>`` -> site name, from the registrations (a refusing site never says)."""
+    from medmeta_common.config.deploy import load_server_config
+    from server.superlink import SuperLink
+
+    ids = SuperLink(load_server_config(config_path), config_path).site_ids()
+    return {f"node-{node}": name for name, node in ids.items()}
+
+
+def print_site_problems(sites: dict[str, Any], names: dict[str, str]) -> None:
+    """Each site whose last-round update was not accepted, and why (a refusal's reason)."""
+    for site, details in sorted(sites.items()):
+        if details.get("status") != "accepted":
+            why = f": {details['reason']}" if details.get("reason") else ""
+            print(f"  {names.get(site, site):<20} last round {details.get('status')}{why}")
 
 
 def run_server_stop(args: argparse.Namespace) -> int:
