@@ -47,7 +47,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medmeta_common.config import SecureAggregationConfig
 from medmeta_common.protocol import check_update
-from medmeta_common.wire import numpy_to_arrays
+from medmeta_common.wire import numpy_to_arrays, to_legacy_config
 from server.strategy import MetaStrategy
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class SecureRoundStrategy(Strategy):
         size = max(self.meta.min_sites, math.ceil(self.fraction * connected))
         self.sampled, _ = sample_nodes(self.grid, self.meta.min_sites, size)
         self.meta.learn_site_names(self.grid)
-        config: dict[str, Any] = {**dict(self.settings), "server-round": self.round_number}
+        config = to_legacy_config({**dict(self.settings), "server-round": self.round_number})
         return [(GridClientProxy(node, self.grid, run_id=0), FitIns(parameters, config))
                 for node in self.sampled]
 
