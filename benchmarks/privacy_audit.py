@@ -16,13 +16,14 @@ import logging
 import platform
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from client.audit import classification_mechanism
-from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
+from medmeta_common.config import DataConfig, load_config
 from medmeta_common.data.sources import load_site
 from medmeta_common.privacy.canary_audit import run_audit
 
@@ -34,6 +35,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path,
                         default=ROOT.parent / "shared" / "data" / "bccd" / "bccd_cells_32.npz")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "benchmark.yaml",
+                        help="the federation whose mechanism is audited (image, model, "
+                        "trainable set)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epsilons", default="1,4,8")
     args = parser.parse_args()
@@ -42,12 +46,15 @@ def main() -> None:
     torch.set_num_threads(1)
     records, steps, canaries, guesses = (500, 600, 200, 40) if args.quick else \
         (1000, 600, 500, 100)
-    site = load_site(DataConfig(path=str(args.data), split=None), ImageConfig())
+    config = load_config(args.config)
+    site = load_site(DataConfig(path=str(args.data), split=None), config.image)
     site = site.subset(np.random.default_rng(0).permutation(len(site.labels))[:records])
-    train = TrainConfig(local_steps=steps, batch_size=64, lr=0.1, augment=False)
-    mechanism = classification_mechanism(ImageConfig(), ModelConfig(), train, steps=steps,
+    train = replace(config.train, local_steps=steps, batch_size=64, lr=0.1, augment=False)
+    mechanism = classification_mechanism(config.image, config.model, train, steps=steps,
                                          max_grad_norm=1.0)
-    print(f"# privacy audit: {args.data.name}, {records} images + {canaries} canaries, "
+    print(f"# privacy audit of {args.config.name}'s mechanism ({config.model.backbone}, "
+          f"weights {config.model.weights}, trainable {train.trainable}, "
+          f"{config.image.size} px): {args.data.name}, {records} images + {canaries} canaries, "
           f"{steps} steps, expected batch 64, {2 * guesses} guesses, 95% confidence; "
           f"torch {torch.__version__}, {platform.machine()}, 1 thread", flush=True)
     print("| run | claimed ε | σ trained | right guesses | ε lower bound | verdict | s |")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.round import local_training
+from client.round import freeze_unreachable, local_training
 from client.tasks import get_task
 from client.tasks.classification import poisson_rate_for
 from medmeta_common.config import ImageConfig, ModelConfig, TrainConfig
@@ -39,16 +39,18 @@ def classification_mechanism(image: ImageConfig, model: ModelConfig, train: Trai
     """
     train = replace(train, local_steps=steps, lr=max(train.lr, AUDIT_LR), augment=False)
     device = torch.device("cpu")
+    task = get_task("classification")
 
     def train_and_score(data: SiteData, dp: DPSettings | None, canaries: SiteData,
                         seed: int) -> np.ndarray:
         encoder = build_encoder(model, image, seed)
         freeze_all_but(encoder, train.trainable)
+        freeze_unreachable(encoder, task)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             head = CosineClassifier(encoder.embedding_dim, len(data.classes), model.cosine_scale)
         net = EncoderWithHead(encoder, head)
-        local_training(get_task("classification"), net, data, train, dp=dp, seed=seed,
+        local_training(task, net, data, train, dp=dp, seed=seed,
                        device=device, amp=False, units=None)
         with torch.no_grad():
             logits = net.eval()(torch.from_numpy(canaries.images))

@@ -43,6 +43,14 @@ class TrainOutcome:
     metrics: dict[str, float | int]
 
 
+def freeze_unreachable(encoder: SharedEncoder, task: Task) -> None:
+    """Freeze the parameters no gradient of ``task`` reaches (stages past its pooled ones)."""
+    unused = set(encoder.unused_by(task.encoder_output))
+    for name, param in encoder.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
+
+
 def train_round(site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder) -> TrainOutcome:
     """Train the global ``encoder`` locally for one round (DP unless the site turned it off)."""
     started = time.monotonic()
@@ -51,10 +59,7 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: SharedEncod
     private = site.privacy.enabled
     task.check_settings(settings, private=private)
     data = site_splits(site, settings.image, settings.seed).train
-    unused = set(encoder.unused_by(task.encoder_output))
-    for name, param in encoder.named_parameters():  # no gradient can reach them this round
-        if name in unused:
-            param.requires_grad_(False)
+    freeze_unreachable(encoder, task)
     model = task.site_model(site, encoder, data, settings)
     device = pick_device(site.device)  # type: ignore[arg-type]
     seed = site_seed(site.name, settings.seed * 100_003 + settings.server_round)

@@ -22,6 +22,7 @@ import torch
 
 from client.fewshot import FewShotResult, evaluate_fewshot
 from client.meta_model import MetaModel, load_meta_model
+from client.tasks.classification import ClassificationTask
 from client.tasks.classification_adapt import AdaptedModel, adapt, load_adapted, save_adapted
 from client.tasks.classification_predict import Prediction, predict
 from medmeta_common.config import DataConfig, FewShotConfig
@@ -118,16 +119,21 @@ class MetaLearner:
                                 scale=self.meta.model.cosine_scale)
 
     def adapt(self, *, task: str = "classification", data: PathLike, shots: int | None = None,
-              split: str | None = None, finetune_steps: int = 0, finetune: str = "head",
-              seed: int = 0) -> Classifier:
-        """Adapt to the site's task from ``shots`` labelled images per class (all if None)."""
+              split: str | None = None, finetune_steps: int | None = None,
+              finetune: str | None = None, seed: int = 0) -> Classifier:
+        """Adapt to the site's task from ``shots`` labelled images per class (all if None).
+
+        Unset fine-tuning settings take ``medmeta adapt``'s defaults (20 FiLM steps).
+        """
         if task != "classification":
             raise ValueError(f"task {task!r} is not supported yet; use 'classification'")
         site = load_site(_data_config(data, split), self.meta.image)
         if shots is not None:
             site = _k_per_class(site, shots, seed)
-        return Classifier(adapt(self.meta, site, finetune_steps=finetune_steps,
-                                finetune=finetune))  # type: ignore[arg-type]
+        defaults = ClassificationTask.adapt_defaults
+        steps = defaults.finetune_steps if finetune_steps is None else finetune_steps
+        return Classifier(adapt(self.meta, site, finetune_steps=steps,
+                                finetune=finetune or defaults.finetune))  # type: ignore[arg-type]
 
 
 def load(path: PathLike) -> MetaLearner:

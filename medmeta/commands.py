@@ -50,7 +50,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     from client.fewshot import evaluate_fewshot
     from client.meta_model import load_meta_model
-    from medmeta.report import write_report
+    from medmeta.report import baseline_name, write_report
     from medmeta.simulate import run_simulation, with_rounds
     from medmeta_common.data.sources import load_site
     from medmeta_common.errors import ConfigError
@@ -66,7 +66,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         log.info("no --config: running the built-in demo federation (SYNTHETIC images)")
     run_simulation(config, args.out, resume=args.resume)
 
-    held_out = untrained = None
+    held_out = baseline = None
     if config.held_out is not None:
         spec = config.held_out
         log.info("adapting the meta-model at the held-out site %s (%d-way %d-shot, %d episodes)",
@@ -77,21 +77,23 @@ def run_simulate(args: argparse.Namespace) -> int:
         held_out = evaluate_fewshot(meta.encoder, site.images, site.labels, len(site.classes),
                                     spec.fewshot, seed=config.seed, device=device,
                                     scale=meta.model.cosine_scale)
-        fresh = build_encoder(config.model, config.image, config.seed)
-        untrained = evaluate_fewshot(fresh, site.images, site.labels, len(site.classes),
-                                     spec.fewshot, seed=config.seed, device=device,
-                                     scale=meta.model.cosine_scale)
+        # What the new site gets without joining: the federation's starting encoder.
+        start = build_encoder(config.model, config.image, config.seed)
+        baseline = evaluate_fewshot(start, site.images, site.labels, len(site.classes),
+                                    spec.fewshot, seed=config.seed, device=device,
+                                    scale=meta.model.cosine_scale)
     report = write_report(args.out, config, RunState(args.out).read_metrics(), held_out,
-                          untrained)
+                          baseline)
     if args.json and held_out is not None:
-        print(json.dumps({**held_out.to_json(), "untrained_accuracy_mean":
-                          untrained.accuracy_mean if untrained else None}))
-    elif held_out is not None and untrained is not None:
+        print(json.dumps({**held_out.to_json(), "baseline": baseline_name(config.model),
+                          "baseline_accuracy_mean":
+                          baseline.accuracy_mean if baseline else None}))
+    elif held_out is not None and baseline is not None:
         fs = config.held_out.fewshot  # type: ignore[union-attr]
         print(f"\nNew site {config.held_out.name}: {fs.ways}-way {fs.shots}-shot accuracy "  # type: ignore[union-attr]
               f"{100 * held_out.accuracy_mean:.1f}% ± {100 * held_out.accuracy_ci95:.1f} "
-              f"(untrained encoder: {100 * untrained.accuracy_mean:.1f}% ± "
-              f"{100 * untrained.accuracy_ci95:.1f}) over {held_out.episodes} episodes")
+              f"({baseline_name(config.model)}: {100 * baseline.accuracy_mean:.1f}% ± "
+              f"{100 * baseline.accuracy_ci95:.1f}) over {held_out.episodes} episodes")
     print(f"Report: {report}")
     return 0
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from client.fewshot import FewShotResult
 from medmeta_common.checkpoint import atomic_write_text
-from medmeta_common.config import FederationConfig
+from medmeta_common.config import FederationConfig, ModelConfig
 from medmeta_common.privacy.accounting import CONVERSIONS
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 
@@ -17,8 +17,17 @@ def _pct(result: FewShotResult) -> str:
     return f"{100 * result.accuracy_mean:.1f}% ± {100 * result.accuracy_ci95:.1f}"
 
 
+def baseline_name(model: ModelConfig) -> str:
+    """What the federation starts from: what a new site has without joining."""
+    if model.weights == "imagenet":
+        return f"public prior alone ({model.backbone}, ImageNet weights, frozen)"
+    if model.weights == "none":
+        return "untrained encoder (random initialisation)"
+    return f"file prior alone ({Path(model.weights).name}, frozen)"
+
+
 def write_report(out_dir: Path, config: FederationConfig, records: list[dict[str, Any]],
-                 held_out: FewShotResult | None, untrained: FewShotResult | None) -> Path:
+                 held_out: FewShotResult | None, baseline: FewShotResult | None) -> Path:
     """Write ``out_dir/report.md`` and return its path."""
     lines = [
         f"# medmeta run: {config.name}",
@@ -79,8 +88,8 @@ def write_report(out_dir: Path, config: FederationConfig, records: list[dict[str
                   f"{held_out.episodes} episodes (mean ± 95% interval), adapted locally:", "",
                   "| encoder | accuracy |", "|---|---|",
                   f"| meta-learned (this run) | {_pct(held_out)} |"]
-        if untrained is not None:
-            lines.append(f"| untrained (same architecture, same episodes) | {_pct(untrained)} |")
+        if baseline is not None:
+            lines.append(f"| {baseline_name(config.model)}, same episodes | {_pct(baseline)} |")
         lines.append("")
     lines += ["## Files", "", "- `checkpoints/round-NNNN.pt`: the meta-model after each round "
               "(give the run folder to `medmeta adapt --checkpoint`)",
