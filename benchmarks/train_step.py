@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from client.round import local_training
+from client.round import freeze_unreachable, local_training
 from client.tasks import get_task
 from medmeta_common.config import ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.records import SiteData
@@ -37,14 +37,17 @@ def site(n: int, size: int, classes: int, channels: int) -> SiteData:
 def timed(data: SiteData, args: argparse.Namespace, dp: DPSettings | None) -> float:
     image = ImageConfig(size=args.size, channels=args.channels)
     weights = "imagenet" if args.backbone == "efficientnet_lite0" else "none"
-    encoder = build_encoder(ModelConfig(backbone=args.backbone, weights=weights), image, seed=0)
+    pool = tuple(int(p) for p in args.pool.split(","))
+    encoder = build_encoder(ModelConfig(backbone=args.backbone, weights=weights, pool=pool),
+                            image, seed=0)
     freeze_all_but(encoder, args.trainable)
+    task = get_task("classification")
+    freeze_unreachable(encoder, task)  # as a site round does
     model = EncoderWithHead(encoder, CosineClassifier(encoder.embedding_dim, len(data.classes)))
     train = TrainConfig(local_steps=args.steps, batch_size=args.batch, augment=False,
                         trainable=args.trainable)
     device = torch.device(args.device)
     warm = replace(train, local_steps=3)
-    task = get_task("classification")
     local_training(task, model, data, warm, dp=dp, seed=1, device=device, amp=args.amp,
                    units=None)
     if device.type == "cuda":
@@ -64,7 +67,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0",
                         choices=("small", "large", "efficientnet_lite0"))
     parser.add_argument("--trainable", default="film", choices=("all", "film", "film_last_stage"))
-    parser.add_argument("--batch", type=int, default=64)
+    # Defaults: the shipped method (configs/benchmark.yaml).
+    parser.add_argument("--pool", default="5", help="pooled feature maps (lite0), comma list")
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
@@ -83,7 +88,8 @@ def main() -> None:
         privates.append(timed(data, args, dp))
     plain, private = statistics.median(plains), statistics.median(privates)
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    print(f"# train step: {args.backbone} encoder (trainable: {args.trainable}), "
+    print(f"# train step: {args.backbone} encoder (trainable: {args.trainable}, pool "
+          f"{args.pool}), "
           f"{args.size}x{args.size}x{args.channels}, expected batch "
           f"{args.batch}, {args.device} ({name}), amp={args.amp}, torch {torch.__version__}, "
           f"threads={torch.get_num_threads()}")
