@@ -82,3 +82,5 @@ def log_in_flower_process(level: int = logging.INFO) -> None:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
         logger.setLevel(level)
+        # Ray configures the root logger of its workers later: one line, not two.
+        logger.propagate = False
