@@ -24,6 +24,7 @@ from medmeta_common.config import FewShotConfig
 from medmeta_common.device import autocast
 from medmeta_common.episodes import Episode, sample_episode
 from medmeta_common.models.heads import CosineClassifier, prototypes
+from medmeta_common.progress import track
 
 FinetuneMode = Literal["head", "all"]
 
@@ -114,14 +115,14 @@ def evaluate_fewshot(
     accuracies = []
     if fewshot.finetune_steps == 0 or finetune == "head":
         embeddings = embed(encoder, images, device, amp=amp)
-        for episode in episodes:
+        for episode in track(episodes, "few-shot episodes"):
             if fewshot.finetune_steps == 0:
                 accuracies.append(prototype_accuracy(embeddings, episode))
             else:
                 accuracies.append(_finetune_head_accuracy(embeddings, episode,
                                                           fewshot.finetune_steps, scale))
     else:
-        for episode in episodes:
+        for episode in track(episodes, "few-shot episodes (fine-tuning)"):
             accuracies.append(_finetune_all_accuracy(encoder, images, episode,
                                                      fewshot.finetune_steps, scale, device, amp))
     return summarise(accuracies, fewshot.ways, fewshot.shots)

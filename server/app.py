@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from medmeta_common.app_logging import log_in_flower_process
 from medmeta_common.config import MethodConfig
 from medmeta_common.models.factory import build_encoder
+from medmeta_common.progress import progress_bar
 from medmeta_common.protocol import flatten, layout_of
 from medmeta_common.wire import numpy_to_arrays, to_config_record
 from server.meta_update import MetaOptimizer
@@ -97,7 +98,9 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
     )
     strategy.sites.register(registered or {})
     try:
-        _run_rounds(grid, strategy, config, initial)
+        with progress_bar("rounds", config.rounds, completed=offset) as bar:
+            recorder.bar = bar
+            _run_rounds(grid, strategy, config, initial)
     except RoundsFailedError as exc:
         log.error("the run FAILED: %s", exc)
         recorder.progress("failed", round=strategy.next_round, reason=str(exc))

@@ -18,6 +18,7 @@ import numpy as np
 
 from medmeta_common.checkpoint import checkpoint_payload
 from medmeta_common.config import MethodConfig
+from medmeta_common.progress import Bar
 from server.meta_update import MetaOptimizer
 from server.round_outcome import site_reasons
 from server.state import RunState
@@ -36,6 +37,7 @@ class RunRecorder:
         self.meta_optimizer = meta_optimizer
         self.tracker = tracker or RunTracker(state.out_dir)
         self.started = time.time()
+        self.bar = Bar(None, None)  # the rounds bar, on a terminal
 
     def progress(self, status: str, **fields: Any) -> None:
         """Replace ``progress.json``: ``status`` is running, finished or failed."""
@@ -59,6 +61,7 @@ class RunRecorder:
             server_optimizer=self.meta_optimizer.state_dict())
         self.state.save_checkpoint(round_number, payload)
         self.tracker.train(record)
+        self.bar.advance()
         sites = record["sites"]
         epsilons = [m["epsilon"] for m in sites.values() if isinstance(m.get("epsilon"), float)]
         others = site_reasons(sites)
