@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medmeta_common.cli_output import print_written, warn_insecure
+from server.dashboard.command import add_dashboard_command
 
 log = logging.getLogger("medmeta")
 
@@ -58,6 +59,7 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     stop = operator_commands.add_parser("stop", help="stop the run and the SuperLink")
     stop.add_argument("--config", type=Path, required=True, help="server.yaml")
     stop.set_defaults(handler=run_server_stop)
+    add_dashboard_command(operator_commands)
 
 def run_certs_init(args: argparse.Namespace) -> int:
     """Create the consortium CA."""
