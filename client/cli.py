@@ -66,6 +66,11 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     inspect.add_argument("--classes", default=None,
                          help="comma-separated class list; labels outside it are errors "
                          "(default: the classes the source names)")
+    inspect.add_argument("--shots", type=int, default=5,
+                         help="K of the episodes the data must serve (default 5): a class with "
+                         "fewer than K+Q images is named with its files")
+    inspect.add_argument("--queries", type=int, default=10,
+                         help="Q, query images per class of an episode (default 10)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=run_inspect)
 
@@ -135,6 +140,7 @@ def run_certs_site(args: argparse.Namespace) -> int:
 
 def run_site_check(args: argparse.Namespace) -> int:
     """Check the site's set-up and connection."""
+    from client.site import check_episode_classes
     from client.supernode import preflight
     from medmeta_common.config.deploy import load_site_config
 
@@ -142,6 +148,7 @@ def run_site_check(args: argparse.Namespace) -> int:
     if config.insecure:
         warn_insecure(f"site {config.name}")
     preflight(config)
+    check_episode_classes(config.data, config.task, config.name)
     print(f"site {config.name}: data, state directory, keys and the connection to "
           f"{config.superlink} look right")
     return 0
@@ -149,6 +156,7 @@ def run_site_check(args: argparse.Namespace) -> int:
 
 def run_site_start(args: argparse.Namespace) -> int:
     """Check, then run the SuperNode in the foreground."""
+    from client.site import check_episode_classes
     from client.supernode import preflight, run_supernode
     from medmeta_common.config.deploy import load_site_config
 
@@ -159,6 +167,7 @@ def run_site_start(args: argparse.Namespace) -> int:
         log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
                     config.name)
     preflight(config)
+    check_episode_classes(config.data, config.task, config.name)
     log.info("site %s: starting the SuperNode (connects to %s)", config.name, config.superlink)
     return run_supernode(config, args.config)
 
@@ -166,7 +175,11 @@ def run_site_start(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     """Inspect a site's data and print the report."""
     from medmeta_common.config import DataConfig
-    from medmeta_common.data.inspect import format_report, inspection_report
+    from medmeta_common.data.inspect import (
+        check_sparse_classes,
+        format_report,
+        inspection_report,
+    )
     from medmeta_common.data.sources import read_raw
 
     path = args.path if args.path.startswith("builtin:") else str(Path(args.path).expanduser())
@@ -174,7 +187,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     data = DataConfig(path=path, split=args.split, policy=args.policy, frames=args.frames,
                       manifest=args.manifest, classes=classes)
     site = read_raw(data)
-    report = inspection_report(site, args.split)
+    needed = max(1, args.shots) + max(1, args.queries)
+    if args.policy == "strict":  # lenient: the report names them as a warning
+        check_sparse_classes(site, "strict", args.path, needed)
+    report = inspection_report(site, args.split, needed)
     if args.json:
         print(json.dumps(report))
     else:
