@@ -41,7 +41,8 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     site_start.add_argument("--config", type=Path, required=True, help="site.yaml")
     site_start.set_defaults(handler=run_site_start)
     site_check = hospital_commands.add_parser(
-        "check", help="check data, keys and the connection to the server; start nothing")
+        "check", help="check data, keys and the connection to the server (an authenticated "
+        "handshake: an unregistered key fails here); start nothing")
     site_check.add_argument("--config", type=Path, required=True, help="site.yaml")
     site_check.set_defaults(handler=run_site_check)
 
@@ -140,6 +141,7 @@ def run_certs_site(args: argparse.Namespace) -> int:
 
 def run_site_check(args: argparse.Namespace) -> int:
     """Check the site's set-up and connection."""
+    from client.handshake import check_key_pair, handshake
     from client.site import check_episode_classes
     from client.supernode import preflight
     from medmeta_common.config.deploy import load_site_config
@@ -148,15 +150,18 @@ def run_site_check(args: argparse.Namespace) -> int:
     if config.insecure:
         warn_insecure(f"site {config.name}")
     preflight(config)
+    check_key_pair(config)
+    node = handshake(config, args.config)
     check_episode_classes(config.data, config.task, config.name)
+    who = "" if node is None else f"; the SuperLink knows this site's key (node {node})"
     print(f"site {config.name}: data, state directory, keys and the connection to "
-          f"{config.superlink} look right")
+          f"{config.superlink} look right{who}")
     return 0
 
 
 def run_site_start(args: argparse.Namespace) -> int:
     """Check, then run the SuperNode in the foreground."""
-    from client.site import check_episode_classes
+    from client.handshake import check_key_pair
     from client.supernode import preflight, run_supernode
     from medmeta_common.config.deploy import load_site_config
 
@@ -167,7 +172,7 @@ def run_site_start(args: argparse.Namespace) -> int:
         log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
                     config.name)
     preflight(config)
-    check_episode_classes(config.data, config.task, config.name)
+    check_key_pair(config)
     log.info("site %s: starting the SuperNode (connects to %s)", config.name, config.superlink)
     return run_supernode(config, args.config)
 

@@ -151,7 +151,7 @@ def announce_end(grid: Grid, strategy: MetaStrategy, *, finished: bool, reason: 
         messages = [Message(RecordDict({"event": ConfigRecord({
             "event": "run-finished" if finished else "run-failed",
             "rounds-done": strategy.rounds_done, "reason": reason[:500],
-            **strategy.sites.feedback(node)})}), dst_node_id=node,
+            **strategy.sites.feedback(node, again=True)})}), dst_node_id=node,
             message_type=MessageType.QUERY) for node in nodes]
         grid.send_and_receive(messages, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - a courtesy message; the run is over anyway

@@ -31,16 +31,12 @@ class SiteView:
     epsilon_round: int | None = None
     accepted_rounds: int = 0
     registered: bool = False
+    epsilon_stale: bool = False
 
     def age(self, now: float) -> float | None:
         """Seconds since the site last answered (``None``: unknown)."""
         return None if self.last_contact is None else max(0.0, now - self.last_contact)
 
-    @property
-    def epsilon_stale(self) -> bool:
-        """Its ε is from an earlier round than its last one asked (it did not answer since)."""
-        return self.epsilon_round is not None and self.last_round is not None and \
-            self.epsilon_round < self.last_round
 
 
 @dataclass
@@ -72,7 +68,6 @@ class RunView:
         data = asdict(self)
         for name, site in self.sites.items():
             data["sites"][name]["age_seconds"] = site.age(now)
-            data["sites"][name]["epsilon_stale"] = site.epsilon_stale
         data["curve"] = {str(k): v for k, v in self.curve.items()}
         data["site_curves"] = {s: {str(k): v for k, v in c.items()}
                                for s, c in self.site_curves.items()}
@@ -125,6 +120,9 @@ def read_run(state_dir: Path, rounds_planned: int | None = None) -> RunView:
         view.sites[name] = SiteView(name=name, registered=True)
     for record in records:
         _add_record(view, record)
+    for site in view.sites.values():
+        # Not reported since the last completed round: the site spent at least this much.
+        site.epsilon_stale = site.epsilon_round is not None and site.epsilon_round < done
     central = [r["central_epsilon"] for r in train if "central_epsilon" in r]
     view.central_epsilon = central[-1] if central else None
     view.rounds = [_round_row(r) for r in records if r.get("phase") in ("train", "failed")]

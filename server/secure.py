@@ -110,7 +110,7 @@ class SecureRoundStrategy(Strategy):
         self.meta.sites_asked(self.sampled)
         config: dict[str, Any] = {**dict(self.settings), "server-round": self.round_number}
         return [(GridClientProxy(node, self.grid, run_id=0),
-                 FitIns(parameters, {**config, **self.meta.sites.feedback(node)}))
+                 FitIns(parameters, {**config, **self.meta.sites.told(node)}))
                 for node in self.sampled]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],

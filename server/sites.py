@@ -31,6 +31,7 @@ class SiteDirectory:
         self.names: dict[int, str] = {}
         self.registered: dict[int, str] = {}
         self.verdicts: dict[int, tuple[int, str]] = {}
+        self._told: set[int] = set()  # nodes already told their latest verdict
 
     def name(self, node_id: int) -> str:
         """The registered name of a node, else the name it gave, else ``node-<id>``."""
@@ -71,13 +72,24 @@ class SiteDirectory:
             if why is None and failed:
                 verdict = "accepted, but the round had too few sites and is tried again"
             self.verdicts[node] = (int(record["round"]), verdict[:200])
+            self._told.discard(node)
 
-    def feedback(self, node_id: int) -> dict[str, int | str]:
-        """Config entries telling a site what became of its previous update."""
-        if node_id not in self.verdicts:
+    def feedback(self, node_id: int, *, again: bool = False) -> dict[str, int | str]:
+        """Config entries telling a site what became of its previous update.
+
+        Each verdict is told once (the next message to the site), unless ``again``.
+        """
+        if node_id not in self.verdicts or (node_id in self._told and not again):
             return {}
         round_number, verdict = self.verdicts[node_id]
         return {"previous-round": round_number, "previous-verdict": verdict}
+
+    def told(self, node_id: int) -> dict[str, int | str]:
+        """:meth:`feedback` for one message that will carry it (the verdict is then told)."""
+        extra = self.feedback(node_id)
+        if extra:
+            self._told.add(node_id)
+        return extra
 
     def with_feedback(self, messages: Iterable[Message]) -> list[Message]:
         """Each message with its site's feedback added to a copy of the round's config."""
@@ -88,6 +100,7 @@ class SiteDirectory:
             if not extra or CONFIG_KEY not in message.content.config_records:
                 result.append(message)
                 continue
+            self._told.add(node)
             content = RecordDict(dict(message.content.array_records))
             config = message.content.config_records[CONFIG_KEY]
             content[CONFIG_KEY] = ConfigRecord({**dict(config), **extra})

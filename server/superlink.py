@@ -194,10 +194,12 @@ class SuperLink:
         except (OSError, ValueError):
             return {}
 
-    def start_run(self) -> str:
+    def start_run(self, rounds: int | None = None) -> str:
         """Submit the meta-learning run (our ServerApp) and remember its ID."""
-        payload = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config",
-                            f"server-config='{self.config_path}'")
+        run_config = f"server-config='{self.config_path}'"
+        if rounds is not None:  # `medmeta server start --rounds N`
+            run_config += f" rounds={int(rounds)}"
+        payload = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", run_config)
         run_id = str(payload.get("run-id"))
         atomic_write_json(self.state / "run.json", {"run-id": run_id,
                                                     "config": str(self.config_path),

@@ -24,7 +24,7 @@ from medmeta_common.errors import ConfigError
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 from server.dashboard.serve import dashboard_server
 from server.state import RunState
-from tests.test_failed_rounds import fails_first_training, federation
+from tests.federations import fails_first_training, federation
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

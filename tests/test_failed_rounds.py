@@ -7,11 +7,9 @@ files needed), under DP-SGD with calibrated noise, so the budget arithmetic is r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message, MessageType
 
 from medmeta.cli import main
 from medmeta.simulate import run_simulation
@@ -20,45 +18,7 @@ from medmeta_common.errors import FederationError
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 from server.round_outcome import RoundsFailedError
 from server.state import RunState
-
-CONFIG = """
-name: retries
-seed: 0
-rounds: 2
-image: {{size: 16, channels: 1}}
-train: {{local_steps: 3, batch_size: 16}}
-privacy: {{epsilon: 4.0}}
-server: {{min_sites: 2, max_failed_rounds: 2{server}}}
-evaluation: {{ways: 2, shots: 2, queries: 2, episodes: 2}}
-sites:
-  - name: site-a
-    data: {{path: "{data_a}"}}
-  - name: site-b
-    data: {{path: "{data_b}"}}
-"""
-
-
-def federation(tmp: Path, *, server: str = "", data_a: str = "builtin:demo/site-0",
-               data_b: str = "builtin:demo/site-1") -> Path:
-    path = tmp / "federation.yaml"
-    path.write_text(CONFIG.format(server=server, data_a=data_a, data_b=data_b))
-    return path
-
-
-def fails_first_training() -> Callable[[Message, Context, Callable[[Message, Context], Message]],
-                                       Message]:
-    """A ClientApp mod: the site's first train message fails (a crash), later ones work."""
-    calls = {"train": 0}
-
-    def mod(msg: Message, context: Context,
-            call_next: Callable[[Message, Context], Message]) -> Message:
-        if msg.metadata.message_type == MessageType.TRAIN:
-            calls["train"] += 1
-            if calls["train"] == 1:
-                raise RuntimeError("the site's GPU fell over")
-        return call_next(msg, context)
-
-    return mod
+from tests.federations import fails_first_training, federation
 
 
 def ledger(out: Path, site: str):  # type: ignore[no-untyped-def]
