@@ -17,6 +17,17 @@ from server.round_outcome import site_reason
 from server.state import REGISTERED_SITES_FILE, RunState
 
 
+def duration(seconds: float | None) -> str:
+    """``42 s``, ``3 min``, ``2.5 h`` (``?`` when unknown)."""
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @dataclass
 class SiteView:
     """One site as the server has seen it."""

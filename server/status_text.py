@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from server.dashboard.page import duration
+from server.run_view import duration
 
 
 def _site_line(name: str, site: dict[str, Any], node: dict[str, Any] | None) -> str:

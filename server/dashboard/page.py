@@ -11,7 +11,7 @@ import time
 from html import escape
 
 from server.dashboard.charts import line_chart
-from server.run_view import RunView, SiteView
+from server.run_view import RunView, SiteView, duration
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -25,17 +25,6 @@ table { border-collapse: collapse; } td, th { padding: 0.25em 0.7em; text-align:
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dt { font-weight: bold; }
 """
-
-
-def duration(seconds: float | None) -> str:
-    """``42 s``, ``3 min``, ``2.5 h`` (``?`` when unknown)."""
-    if seconds is None:
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _summary(view: RunView, now: float) -> str:
