@@ -32,36 +32,31 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.prior import round_encoder
 from client.round import evaluate_round, train_round
 from client.secure import secure_aggregation_mod
 from client.settings import RoundSettings, SiteRuntime, read_settings
 from client.site_log import log_end_of_run, log_previous_verdict, log_trained
 from medmeta_common.app_logging import log_in_flower_process
-from medmeta_common.models.encoder import Encoder
-from medmeta_common.models.factory import encoder_spec
-from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_update, layout_of
+from medmeta_common.models.encoder import SharedEncoder
+from medmeta_common.models.factory import load_trainable, trainable_arrays, trainable_layout
+from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_update
 from medmeta_common.update_codec import encode_update
-from medmeta_common.wire import (
-    arrays_to_numpy,
-    arrays_to_state,
-    encoder_to_arrays,
-    encoder_to_numpy,
-    metric_record,
-    numpy_to_arrays,
-)
+from medmeta_common.wire import arrays_to_numpy, metric_record, numpy_to_arrays
 
 log = logging.getLogger(__name__)
 
 SiteResolver = Callable[[Context], SiteRuntime]
 
 
-def _global_encoder(msg: Message, settings: RoundSettings) -> Encoder:
-    encoder = Encoder(encoder_spec(settings.model, settings.image))
-    arrays = msg.content.array_records[ARRAYS_KEY]
-    problem = check_update(arrays_to_numpy(arrays), layout_of(encoder))
+def _global_encoder(msg: Message, settings: RoundSettings, site: SiteRuntime) -> SharedEncoder:
+    """The global encoder: this site's prior with the trainable set the server sent."""
+    encoder = round_encoder(settings, site)
+    arrays = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
+    problem = check_update(arrays, trainable_layout(encoder, settings.train.trainable))
     if problem:
         raise ValueError(f"the server sent a malformed encoder: {problem}")
-    encoder.load_state_dict(arrays_to_state(arrays))
+    load_trainable(encoder, arrays)
     return encoder
 
 
@@ -69,16 +64,17 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
     """One round of local training; see the module docstring for what is returned."""
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
     log_previous_verdict(site, settings)
-    outcome = train_round(site, settings, _global_encoder(msg, settings))
+    outcome = train_round(site, settings, _global_encoder(msg, settings, site))
     log_trained(site, settings, outcome.metrics)
     records = RecordDict({METRICS_KEY: metric_record(outcome.metrics)})
     if outcome.encoder is not None:
+        trained = trainable_arrays(outcome.encoder, settings.train.trainable)
         if settings.update_encoding == "float32":
-            records[ARRAYS_KEY] = encoder_to_arrays(outcome.encoder)
+            records[ARRAYS_KEY] = numpy_to_arrays(trained)
         else:  # a float16 or int8 delta against the encoder the server sent
             base = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
-            records[ARRAYS_KEY] = numpy_to_arrays(encode_update(
-                encoder_to_numpy(outcome.encoder), base, settings.update_encoding))
+            records[ARRAYS_KEY] = numpy_to_arrays(encode_update(trained, base,
+                                                                settings.update_encoding))
     return Message(records, reply_to=msg)
 
 
@@ -86,7 +82,7 @@ def handle_evaluate(msg: Message, site: SiteRuntime) -> Message:
     """Few-shot accuracy of the global encoder on this site's validation split."""
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
     log_previous_verdict(site, settings)
-    metrics = evaluate_round(site, settings, _global_encoder(msg, settings))
+    metrics = evaluate_round(site, settings, _global_encoder(msg, settings, site))
     return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
 
@@ -144,7 +140,8 @@ def _site_runtime(path: str, mtime: float) -> SiteRuntime:
                        privacy=config.privacy, val_fraction=config.val_fraction,
                        device=config.runtime.device, amp=config.runtime.amp,
                        threads=max(1, int(config.runtime.cpus_per_site)),
-                       cache_data=config.cache_data, task=config.task, tile=config.tile)
+                       cache_data=config.cache_data, task=config.task, tile=config.tile,
+                       prior_folders=tuple(Path(p) for p in config.priors))
 
 
 app = make_client_app(site_from_node_config)

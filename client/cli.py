@@ -102,9 +102,11 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     adapt.add_argument("--finetune-steps", type=int, default=None,
                        help="fine-tuning steps on the support images (default 0: prototypes "
                        "only; segmentation: 100 decoder steps)")
-    adapt.add_argument("--finetune", choices=("head", "all"), default="head",
-                       help="fine-tune the head (segmentation: the decoder) only, or the "
-                       "encoder too")
+    adapt.add_argument("--finetune", choices=("head", "film", "all"), default=None,
+                       help="fine-tune the head (segmentation: the decoder) only, with the "
+                       "encoder's FiLM parameters (BatchNorm scale and shift; "
+                       "efficientnet_lite0), or with the whole encoder (default: the task's "
+                       "measured best, docs/method.md)")
     adapt.add_argument("--tile", type=int, default=DEFAULT_TILE,
                        help="segmentation: tile size for large 2-D images")
     adapt.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
@@ -141,6 +143,7 @@ def run_certs_site(args: argparse.Namespace) -> int:
 
 def run_site_check(args: argparse.Namespace) -> int:
     """Check the site's set-up and connection."""
+    from client.app_policy import describe_policy
     from client.handshake import check_key_pair, handshake
     from client.site import check_episode_classes
     from client.supernode import preflight
@@ -156,11 +159,13 @@ def run_site_check(args: argparse.Namespace) -> int:
     who = "" if node is None else f"; the SuperLink knows this site's key (node {node})"
     print(f"site {config.name}: data, state directory, keys and the connection to "
           f"{config.superlink} look right{who}")
+    print(f"site {config.name}: {describe_policy(config.app)}")
     return 0
 
 
 def run_site_start(args: argparse.Namespace) -> int:
     """Check, then run the SuperNode in the foreground."""
+    from client.app_policy import announce_policy
     from client.handshake import check_key_pair
     from client.supernode import preflight, run_supernode
     from medmeta_common.config.deploy import load_site_config
@@ -168,6 +173,7 @@ def run_site_start(args: argparse.Namespace) -> int:
     config = load_site_config(args.config)
     if config.insecure:
         warn_insecure(f"site {config.name}")
+    announce_policy(config.name, config.app)
     if not config.privacy.enabled:
         log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
                     config.name)

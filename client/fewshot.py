@@ -3,7 +3,9 @@
 An episode's support images give one prototype per class (the mean normalised
 embedding); queries go to the nearest prototype by cosine similarity. Fine-tuning
 (optional) starts a cosine classifier from the prototypes and trains it on the
-support set only — the head alone (``head``) or the encoder too (``all``).
+support set only — the head alone (``head``), with the encoder's FiLM parameters
+(``film``: BatchNorm scale and shift, EfficientNet-Lite0 only), or with the whole
+encoder (``all``).
 Accuracy is reported as the mean over episodes with a 95% normal interval
 (1.96 standard errors), as in the few-shot literature.
 """
@@ -23,10 +25,15 @@ import torch.nn.functional as F
 from medmeta_common.config import FewShotConfig
 from medmeta_common.device import autocast
 from medmeta_common.episodes import Episode, sample_episode
+from medmeta_common.models.factory import freeze_all_but
 from medmeta_common.models.heads import CosineClassifier, prototypes
 from medmeta_common.progress import track
 
-FinetuneMode = Literal["head", "all"]
+FinetuneMode = Literal["head", "film", "all"]
+
+# Adam's learning rate of each fine-tuning mode (``FewShotConfig.finetune_lr`` overrides):
+# the head alone moves fast; the encoder's FiLM or all parameters, slowly.
+FINETUNE_LR: dict[str, float] = {"head": 0.01, "film": 1e-3, "all": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ def evaluate_fewshot(
         for _ in range(fewshot.episodes)
     ]
     accuracies = []
+    lr = fewshot.finetune_lr or FINETUNE_LR[finetune]
     if fewshot.finetune_steps == 0 or finetune == "head":
         embeddings = embed(encoder, images, device, amp=amp)
         for episode in track(episodes, "few-shot episodes"):
@@ -120,11 +128,12 @@ def evaluate_fewshot(
                 accuracies.append(prototype_accuracy(embeddings, episode))
             else:
                 accuracies.append(_finetune_head_accuracy(embeddings, episode,
-                                                          fewshot.finetune_steps, scale))
+                                                          fewshot.finetune_steps, scale, lr))
     else:
         for episode in track(episodes, "few-shot episodes (fine-tuning)"):
-            accuracies.append(_finetune_all_accuracy(encoder, images, episode,
-                                                     fewshot.finetune_steps, scale, device, amp))
+            accuracies.append(_finetune_encoder_accuracy(
+                encoder, images, episode, fewshot.finetune_steps, scale, device, amp,
+                lr=lr, part=finetune))
     return summarise(accuracies, fewshot.ways, fewshot.shots)
 
 
@@ -144,26 +153,33 @@ def fit_head(embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int, ste
 
 
 def _finetune_head_accuracy(embeddings: torch.Tensor, episode: Episode, steps: int,
-                            scale: float) -> float:
+                            scale: float, lr: float) -> float:
     ways = len(episode.classes)
     labels = torch.as_tensor(episode.support_labels, device=embeddings.device)
     with torch.enable_grad():
-        head = fit_head(embeddings[episode.support], labels, ways, steps, scale)
+        head = fit_head(embeddings[episode.support], labels, ways, steps, scale, lr=lr)
     with torch.no_grad():
         predicted = head(embeddings[episode.query]).argmax(dim=1).cpu().numpy()
     return float((predicted == episode.query_labels).mean())
 
 
-def finetune_all(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 n_classes: int, steps: int, scale: float, device: torch.device, amp: bool,
-                 lr: float = 1e-3) -> tuple[torch.nn.Module, CosineClassifier]:
-    """Copy the encoder and fine-tune it with a prototype-initialised head on ``images``."""
+def finetune_encoder(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     n_classes: int, steps: int, scale: float, device: torch.device, amp: bool,
+                     lr: float = 1e-3, part: str = "all"
+                     ) -> tuple[torch.nn.Module, CosineClassifier]:
+    """Copy the encoder; fine-tune ``part`` of it with a prototype-initialised head.
+
+    ``part`` is ``all`` or ``film`` (the trainable sets of
+    :mod:`medmeta_common.models.factory`); the rest of the copy stays frozen.
+    """
     tuned = copy.deepcopy(encoder).to(device).train()
+    freeze_all_but(tuned, part)
     with torch.no_grad(), autocast(device, amp):
         start = tuned(images).float()
     head = CosineClassifier(start.shape[1], n_classes, scale).to(device)
     head.set_prototypes(prototypes(start, labels, n_classes))
-    optimizer = torch.optim.Adam([*tuned.parameters(), *head.parameters()], lr=lr)
+    trained = [p for p in tuned.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([*trained, *head.parameters()], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
         with autocast(device, amp):
@@ -173,13 +189,14 @@ def finetune_all(encoder: torch.nn.Module, images: torch.Tensor, labels: torch.T
     return tuned.eval(), head
 
 
-def _finetune_all_accuracy(encoder: torch.nn.Module, images: np.ndarray, episode: Episode,
-                           steps: int, scale: float, device: torch.device, amp: bool) -> float:
+def _finetune_encoder_accuracy(encoder: torch.nn.Module, images: np.ndarray, episode: Episode,
+                               steps: int, scale: float, device: torch.device, amp: bool, *,
+                               lr: float, part: str) -> float:
     support = torch.from_numpy(images[episode.support]).to(device)
     labels = torch.as_tensor(episode.support_labels, device=device)
     with torch.enable_grad():
-        tuned, head = finetune_all(encoder, support, labels, len(episode.classes), steps,
-                                   scale, device, amp)
+        tuned, head = finetune_encoder(encoder, support, labels, len(episode.classes), steps,
+                                       scale, device, amp, lr=lr, part=part)
     with torch.no_grad(), autocast(device, amp):
         logits = head(tuned(torch.from_numpy(images[episode.query]).to(device)).float())
     return float((logits.argmax(dim=1).cpu().numpy() == episode.query_labels).mean())

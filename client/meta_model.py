@@ -6,25 +6,26 @@ checkpoint) and adapts it to its own task, entirely locally (``client/tasks/``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medmeta_common.checkpoint import load_checkpoint, torch_load
+from medmeta_common.checkpoint import find_checkpoint, load_checkpoint, torch_load
 from medmeta_common.config import ImageConfig, ModelConfig
 from medmeta_common.config.typed import build
 from medmeta_common.errors import CheckpointError, ConfigError
-from medmeta_common.models.encoder import Encoder
-from medmeta_common.models.factory import encoder_spec
+from medmeta_common.models.encoder import SharedEncoder
+from medmeta_common.models.factory import build_encoder, load_trainable
+from medmeta_common.models.prior import PRIORS_DIR, find_prior
 
 
 @dataclass
 class MetaModel:
     """The shared encoder as the federation left it, with the settings to use it."""
 
-    encoder: Encoder
+    encoder: SharedEncoder
     image: ImageConfig
     model: ModelConfig
     round: int
@@ -41,9 +42,9 @@ def model_settings(payload: dict[str, Any], source: str) -> tuple[ImageConfig, M
 
 
 def saved_encoder(state: dict[str, torch.Tensor], image: ImageConfig, model: ModelConfig,
-                  source: str) -> Encoder:
-    """An encoder of the named architecture holding ``state``."""
-    encoder = Encoder(encoder_spec(model, image))
+                  source: str) -> SharedEncoder:
+    """An encoder of the named architecture holding the whole ``state`` (an adapted model)."""
+    encoder = build_encoder(replace(model, weights="none"), image, 0)
     try:
         encoder.load_state_dict(state)
     except RuntimeError as exc:
@@ -52,12 +53,29 @@ def saved_encoder(state: dict[str, torch.Tensor], image: ImageConfig, model: Mod
     return encoder.eval()
 
 
-def load_meta_model(path: Path) -> MetaModel:
-    """Load the meta-model from a checkpoint file or a run directory (its newest checkpoint)."""
-    payload = load_checkpoint(Path(path))
+def load_meta_model(path: Path, priors: tuple[Path, ...] = ()) -> MetaModel:
+    """Load the meta-model from a checkpoint file or a run directory (its newest checkpoint).
+
+    A checkpoint holds the trainable parameters and names its prior by hash: the
+    encoder is rebuilt on the prior (a file prior is found in ``priors`` or the run
+    directory's ``priors/``) and the trainable parameters loaded onto it.
+    """
+    file = find_checkpoint(Path(path))
+    payload = load_checkpoint(file)
     image, model = model_settings(payload, str(path))
-    return MetaModel(saved_encoder(payload["encoder"], image, model, str(path)), image, model,
-                     int(payload["round"]), str(payload.get("federation", "")))
+    prior = payload.get("prior") or {"sha256": "none", "seed": "0"}
+    prior_file = None
+    if model.has_file_prior:
+        run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+        prior_file = find_prior(str(prior["sha256"]), [*priors, run_dir / PRIORS_DIR])
+    try:
+        encoder = build_encoder(model, image, int(prior.get("seed", 0)), prior_file=prior_file)
+        load_trainable(encoder, payload["encoder"])
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: encoder weights do not fit its architecture "
+                              f"({str(exc).splitlines()[0]})") from None
+    return MetaModel(encoder.eval(), image, model, int(payload["round"]),
+                     str(payload.get("federation", "")))
 
 
 def read_model_file(path: Path, kind: str, what: str) -> dict[str, Any]:

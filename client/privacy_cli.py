@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger("medmeta")
 
@@ -131,7 +131,7 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
 def run_privacy_report(args: argparse.Namespace) -> int:
     """Print ε spent per site from the ledgers."""
     from medmeta_common.errors import PrivacyBudgetError
-    from medmeta_common.privacy.accounting import CONVERSION
+    from medmeta_common.privacy.accounting import CONVERSIONS
     from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 
     state: Path = args.state
@@ -155,20 +155,23 @@ def run_privacy_report(args: argparse.Namespace) -> int:
                 atomic_write_text(target, to_markdown(ledger, "privacy_epsilon.png"))
             print(target)
         return 0
-    sites = {}
+    sites: dict[str, dict[str, Any]] = {}
     for path in paths:
         ledger = read_ledger(path)
         sites[ledger.site] = {"epsilon": ledger.epsilon, "delta": ledger.delta,
                               "steps": ledger.steps, "budget": ledger.epsilon_budget,
-                              "unit": ledger.unit, "rounds": len(ledger.rounds)}
+                              "unit": ledger.unit, "rounds": len(ledger.rounds),
+                              "accountant": ledger.accountant}
     if args.json:
-        print(json.dumps({"sites": sites, "accounting": CONVERSION}))
+        print(json.dumps({"sites": sites, "accounting": {
+            name: CONVERSIONS[s["accountant"]] for name, s in sites.items()}}))
         return 0
     print(f"{'site':<20} {'epsilon':>9} {'budget':>8} {'delta':>9} {'steps':>7}  unit")
     for name, s in sites.items():
         print(f"{name:<20} {s['epsilon']:>9.3f} {s['budget']:>8g} {s['delta']:>9.1e} "
               f"{s['steps']:>7}  {s['unit']}")
-    print(f"accounting: {CONVERSION}")
+    for name in sorted({s["accountant"] for s in sites.values()}):
+        print(f"accounting ({name}): {CONVERSIONS[name]}")
     return 0
 
 

@@ -27,7 +27,7 @@ from client.tasks import get_task
 from client.tasks.base import Task, TaskData
 from medmeta_common.config import TrainConfig
 from medmeta_common.device import pick_device
-from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.privacy.budget import RoundBudget, guarded_round
 from medmeta_common.privacy.dp_sgd import DPSettings, StepStats, train_steps
 from medmeta_common.protocol import NUM_EXAMPLES
@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 class TrainOutcome:
     """A round's result at a site: the trained encoder (``None`` if refused) and metrics."""
 
-    encoder: Encoder | None
+    encoder: SharedEncoder | None
     metrics: dict[str, float | int]
 
 
-def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) -> TrainOutcome:
+def train_round(site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder) -> TrainOutcome:
     """Train the global ``encoder`` locally for one round (DP unless the site turned it off)."""
     started = time.monotonic()
     torch.set_num_threads(site.threads)
@@ -51,6 +51,10 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: Encoder) ->
     private = site.privacy.enabled
     task.check_settings(settings, private=private)
     data = site_splits(site, settings.image, settings.seed).train
+    unused = set(encoder.unused_by(task.encoder_output))
+    for name, param in encoder.named_parameters():  # no gradient can reach them this round
+        if name in unused:
+            param.requires_grad_(False)
     model = task.site_model(site, encoder, data, settings)
     device = pick_device(site.device)  # type: ignore[arg-type]
     seed = site_seed(site.name, settings.seed * 100_003 + settings.server_round)
@@ -108,7 +112,7 @@ def local_training(task: Task, model: torch.nn.Module, data: TaskData, train: Tr
 
 
 def evaluate_round(site: SiteRuntime, settings: RoundSettings,
-                   encoder: Encoder) -> dict[str, float | int]:
+                   encoder: SharedEncoder) -> dict[str, float | int]:
     """The task's validation metric of ``encoder`` on the site's validation patients."""
     torch.set_num_threads(site.threads)
     val = site_splits(site, settings.image, settings.seed).val

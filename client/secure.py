@@ -30,9 +30,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 
 from client.settings import read_settings
-from medmeta_common.models.encoder import Encoder
-from medmeta_common.models.factory import encoder_spec
-from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES, layout_of
+from medmeta_common.models.factory import layout_for
+from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def _legacy_bridge(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     """Legacy FitIns -> our train message -> our reply -> legacy FitRes holding the update."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = read_settings(fitins.config)
-    layout = layout_of(Encoder(encoder_spec(settings.model, settings.image)))
+    layout = layout_for(settings.model, settings.image, settings.train.trainable)
     arrays = parameters_to_ndarrays(fitins.parameters)
     if [a.shape for a in arrays] != [shape for shape, _ in layout.values()]:
         raise ValueError("the server sent a secure-aggregation round whose encoder does not "

@@ -22,6 +22,7 @@ from medmeta_common.config import (
     TrainConfig,
 )
 from medmeta_common.config.tasks import DEFAULT_TILE
+from medmeta_common.models.prior import PRIORS_DIR
 from medmeta_common.protocol import rebuild
 from medmeta_common.update_codec import ENCODINGS
 
@@ -41,6 +42,13 @@ class SiteRuntime:
     cache_data: bool = True
     task: str = "classification"
     tile: int = DEFAULT_TILE
+    # Where the site looks for file priors by hash (default: its state directory's).
+    prior_folders: tuple[Path, ...] = ()
+
+    @property
+    def priors(self) -> tuple[Path, ...]:
+        """The folders searched for a file prior, the state directory's last."""
+        return (*self.prior_folders, self.state_dir / PRIORS_DIR)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class RoundSettings:
     spare_rounds: int = 0
     previous_round: int = 0
     previous_verdict: str = ""
+    prior_sha256: str = "none"
 
 
 def read_settings(config: Mapping[str, Any]) -> RoundSettings:
@@ -74,6 +83,7 @@ def read_settings(config: Mapping[str, Any]) -> RoundSettings:
         spare_rounds=max(0, int(config.get("spare-rounds", 0))),
         previous_round=int(config.get("previous-round", 0)),
         previous_verdict=str(config.get("previous-verdict", ""))[:200],
+        prior_sha256=str(config.get("prior-sha256", "none")),
     )
 
 

@@ -19,6 +19,7 @@ from client.settings import SiteRuntime
 from medmeta_common.config import FederationConfig, load_config
 from medmeta_common.config.flwr_run import federation_path, simulation_run_dir
 from medmeta_common.errors import FederationError
+from medmeta_common.models.prior import PRIORS_DIR
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class SimulatedSites:
             threads=max(1, int(self.config.runtime.cpus_per_site)),
             task=site.task,
             tile=site.tile,
+            prior_folders=(self.out_dir / PRIORS_DIR,),
         )
 
 

@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from client.app_launcher import TaskLauncher, write_launcher_secret
 from medmeta_common.config.deploy import SiteDeployConfig
 from medmeta_common.errors import DataError, FederationError
 
@@ -76,10 +77,19 @@ def preflight(config: SiteDeployConfig) -> None:
                               "and the firewall") from None
 
 
-def supernode_command(config: SiteDeployConfig, config_path: Path) -> list[str]:
-    """The ``flower-supernode`` command line for this site."""
+def supernode_command(config: SiteDeployConfig, config_path: Path,
+                      launcher_secret: Path | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for this site.
+
+    ``--isolation process``: the SuperNode starts no ClientApp itself; the site's own
+    launcher claims each task (authenticated by ``launcher_secret``) and runs the app
+    only as its ``app`` policy allows (:mod:`client.app_launcher`).
+    """
     command = ["flower-supernode", "--superlink", config.superlink, "--port", str(config.port),
-               "--node-config", f"site-config='{config_path.resolve()}'"]
+               "--node-config", f"site-config='{config_path.resolve()}'",
+               "--isolation", "process"]
+    if launcher_secret is not None:
+        command += ["--superexec-auth-secret-file", str(launcher_secret)]
     if config.insecure:
         return [*command, "--insecure"]
     return [*command, "--root-certificates", str(config.root_certificate),
@@ -105,9 +115,13 @@ def run_supernode(config: SiteDeployConfig, config_path: Path) -> int:
     env["FLWR_HOME"] = str(Path(config.state_dir) / "flwr_home")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    process = subprocess.Popen(supernode_command(config, config_path), env=env,
+    secret = write_launcher_secret(Path(config.state_dir))
+    process = subprocess.Popen(supernode_command(config, config_path, secret), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, preexec_fn=_die_with_parent)
+    launcher = TaskLauncher(runtime_address=f"127.0.0.1:{config.port}", site_config=config_path,
+                            secret=secret.read_bytes(), env=env)
+    launcher.start()
     refused = threading.Event()
 
     def relay() -> None:
@@ -131,6 +145,7 @@ def run_supernode(config: SiteDeployConfig, config_path: Path) -> int:
         code = process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        launcher.stop()
         stop_group()
         reader.join(timeout=5)
     if refused.is_set():

@@ -28,9 +28,10 @@ from medmeta.inprocess import Mod
 from medmeta.simulate import SimulatedSites, run_simulation
 from medmeta_common.config import DataConfig, FederationConfig, FewShotConfig
 from medmeta_common.data.records import SiteData
-from medmeta_common.models.encoder import Encoder
-from medmeta_common.models.factory import build_encoder
+from medmeta_common.models.encoder import SharedEncoder
+from medmeta_common.models.factory import build_encoder, freeze_all_but
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
+from medmeta_common.privacy.dp_sgd import DPSettings
 from medmeta_common.progress import track
 from server.state import RunState
 
@@ -39,7 +40,7 @@ from server.state import RunState
 class Federated:
     """A finished federation: its final encoder and its per-round train records."""
 
-    encoder: Encoder
+    encoder: SharedEncoder
     rounds: list[dict[str, Any]]
 
 
@@ -72,16 +73,32 @@ def pooled_training_data(config: FederationConfig, state_root: Path) -> SiteData
 
 
 def train_centralized(config: FederationConfig, state_root: Path, *, steps: int,
-                      device: str = "cpu") -> Encoder:
-    """Non-private training on the pooled data (the upper bound), same recipe otherwise."""
+                      device: str = "cpu", dp: DPSettings | None = None) -> SharedEncoder:
+    """Training on the pooled data of all sites, with the federation's recipe.
+
+    Non-private (``dp=None``) it is the upper bound; with ``dp`` it is record-level
+    DP-SGD on the pooled data (the rate must be the plan's, :func:`pooled_rate`).
+    """
     data = pooled_training_data(config, state_root)
     encoder = build_encoder(config.model, config.image, config.seed)
+    freeze_all_but(encoder, config.train.trainable)
+    unused = set(encoder.unused_by("embedding"))
+    for name, param in encoder.named_parameters():
+        if name in unused:
+            param.requires_grad_(False)
     head = CosineClassifier(encoder.embedding_dim, len(data.classes), config.model.cosine_scale)
     train = replace(config.train, local_steps=steps, ways=None)
     local_training(get_task("classification"), EncoderWithHead(encoder, head), data, train,
-                   dp=None, seed=config.seed, device=torch.device(device),
+                   dp=dp, seed=config.seed, device=torch.device(device),
                    amp=config.runtime.amp, units=None)
     return encoder.cpu().eval()
+
+
+def pooled_rate(config: FederationConfig, state_root: Path) -> tuple[float, int]:
+    """The Poisson rate of ``train.batch_size`` on the pooled data, and its size."""
+    data = pooled_training_data(config, state_root)
+    plan = get_task("classification").sampling(data, replace(config.train, ways=None))
+    return plan.rate, len(data)
 
 
 # --- Held-out few-shot scenarios ---------------------------------------------------------
@@ -92,18 +109,105 @@ SCENARIOS = ("brain-shift", "blood-new", "breast")
 WAYS = {"brain-shift": 4, "blood-new": 3, "breast": 2}
 
 
-def shifted_brain(data_dir: Path, split: str, folder: Path) -> Path:
-    """Brain slices of no training site, through a simulated scanner change (an .npz)."""
-    with np.load(data_dir / "brain_tumor_mri" / "brain_tumor_mri_64.npz") as raw:
-        classes = raw["classes"]
-        if split == "test":
-            images, labels = raw["test_images"], raw["test_labels"]
-        else:  # the third partition of the training split: no site trains on it
-            from medmeta_common.data.splits import partition_by_group
+BRAIN_NPZ = Path("brain_tumor_mri") / "brain_tumor_mri_64.npz"
+BRAIN_PART_FILE = "brain_train_part{index}.npz"
+# Correlation of two slices (16x16 means, z-normalised) above which they are the same
+# image (duplicates) and above which they are kept together as one pseudo-patient.
+DUPLICATE, SAME_PATIENT = 0.99, 0.98
+BRAIN_PARTS, BRAIN_VALIDATION_PART = 3, 2
 
-            refs = [f"brain_tumor_mri_64.npz:train[{i}]" for i in range(len(raw["train_labels"]))]
-            keep = partition_by_group(refs, 3, 2, seed=0)
-            images, labels = raw["train_images"][keep], raw["train_labels"][keep]
+
+def _thumbnails(images: np.ndarray) -> torch.Tensor:
+    """16x16 average-pooled, z-normalised slices as unit vectors (for correlations)."""
+    small = torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(images.astype(np.float32))[:, None], 16).flatten(1)
+    small = small - small.mean(dim=1, keepdim=True)
+    return small / small.norm(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+def pseudo_patients(images: np.ndarray, threshold: float = SAME_PATIENT) -> np.ndarray:
+    """Group ids: slices linked by a correlation above ``threshold``, kept together.
+
+    The brain MRI set names no patients; its slices of one patient are near-duplicates
+    of each other, so single-linkage clusters of near-duplicates stand in for patients
+    (at 0.98 the largest holds 9 slices: no runaway chaining).
+    """
+    thumbs = _thumbnails(images)
+    parent = np.arange(len(images))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    close = torch.triu(thumbs @ thumbs.T > threshold, diagonal=1).nonzero().tolist()
+    for a, b in close:
+        parent[root(a)] = root(b)
+    return np.array([f"pseudo-{root(i)}" for i in range(len(images))])
+
+
+def brain_part_file(data_dir: Path, folder: Path, index: int) -> Path:
+    """One of three pseudo-patient parts of the brain training slices, as an .npz.
+
+    Two thirds of this brain set's test slices are exact copies of training slices
+    (all the ``no_tumor`` ones): a site that trained on those would have seen the
+    held-out patients. So every training slice that duplicates a test slice is left
+    out, and the rest is grouped into pseudo-patients (:func:`pseudo_patients`) and dealt
+    into three parts that never cut one: parts 0 and 1 are the brain sites' (whatever
+    classes each then keeps), part 2 (``BRAIN_VALIDATION_PART``) the validation scenario.
+    """
+    path = folder / BRAIN_PART_FILE.format(index=index)
+    if path.exists():
+        return path
+    from medmeta_common.data.splits import partition_by_group
+
+    with np.load(data_dir / BRAIN_NPZ) as raw:
+        images, labels = raw["train_images"], raw["train_labels"]
+        test, classes = raw["test_images"], raw["classes"]
+    copies = (_thumbnails(images) @ _thumbnails(test).T).max(dim=1).values > DUPLICATE
+    kept = np.flatnonzero(~copies.numpy())
+    groups = pseudo_patients(images[kept])
+    for part in range(BRAIN_PARTS):
+        mine = kept[partition_by_group(groups, BRAIN_PARTS, part, seed=0)]
+        np.savez(folder / BRAIN_PART_FILE.format(index=part), images=images[mine],
+                 labels=labels[mine], classes=classes,
+                 groups=groups[np.searchsorted(kept, mine)])
+    return path
+
+
+def benchmark_sites(config: FederationConfig, data_dir: Path, folder: Path
+                    ) -> FederationConfig:
+    """``config`` with each brain site reading its pseudo-patient part (same classes).
+
+    A brain site's ``partition.index`` names its part; the parts are cut before any
+    site selects its classes, so no site holds a validation pseudo-patient.
+    """
+    sites = []
+    for site in config.sites:
+        if Path(site.data.path).name == BRAIN_NPZ.name:
+            index = site.data.partition.index if site.data.partition else 0
+            if index == BRAIN_VALIDATION_PART:
+                raise ValueError(f"site {site.name}: part {index} is the validation part")
+            path = str(brain_part_file(data_dir, folder, index))
+            site = replace(site, data=replace(site.data, path=path, split=None,
+                                              group_key="groups", partition=None))
+        sites.append(site)
+    return replace(config, sites=tuple(sites))
+
+
+def shifted_brain(data_dir: Path, split: str, folder: Path) -> Path:
+    """Brain slices of no training site, through a simulated scanner change (an .npz).
+
+    ``test``: the test split. ``val``: the third pseudo-patient part of the sites' file,
+    which no training site holds (``BRAIN_VALIDATION_PART``).
+    """
+    if split == "test":
+        with np.load(data_dir / BRAIN_NPZ) as raw:
+            classes, images, labels = raw["classes"], raw["test_images"], raw["test_labels"]
+    else:
+        with np.load(brain_part_file(data_dir, folder, BRAIN_VALIDATION_PART)) as raw:
+            classes, images, labels = raw["classes"], raw["images"], raw["labels"]
     rng = np.random.default_rng(0)
     x = images.astype(np.float32) / 255.0
     x = np.stack([gaussian_filter(img, 0.8) for img in x]) ** 0.6
@@ -125,20 +229,21 @@ def scenario_data(data_dir: Path, split: Split, folder: Path) -> dict[str, DataC
 
 def evaluate(encoder: torch.nn.Module, config: FederationConfig, scenarios: dict[str, Any],
              shots: list[int], episodes: int, *, finetune_steps: int = 0,
-             finetune: str = "head", max_episodes: int | None = None) -> dict[str, dict]:
+             finetune: str = "head", finetune_lr: float | None = None,
+             max_episodes: int | None = None) -> dict[str, dict]:
     """Accuracy per scenario and K (same seeded episodes for every encoder)."""
     results: dict[str, dict] = {name: {} for name in scenarios}
     runs = [(name, site, k) for name, site in scenarios.items() for k in shots]
     for name, site, k in track(runs, "benchmark evaluations"):
         fewshot = FewShotConfig(ways=WAYS[name], shots=k, queries=15,
                                 episodes=min(episodes, max_episodes or episodes),
-                                finetune_steps=finetune_steps)
+                                finetune_steps=finetune_steps, finetune_lr=finetune_lr)
         r = evaluate_fewshot(encoder, site.images, site.labels, len(site.classes), fewshot,
                              seed=1234, device=torch.device("cpu"),
                              finetune=finetune,  # type: ignore[arg-type]
                              scale=config.model.cosine_scale)
         results[name][str(k)] = {"mean": r.accuracy_mean, "ci95": r.accuracy_ci95,
-                                 "episodes": r.episodes}
+                                 "episodes": r.episodes, "accuracies": list(r.accuracies)}
     return results
 
 

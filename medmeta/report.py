@@ -9,7 +9,7 @@ from typing import Any
 from client.fewshot import FewShotResult
 from medmeta_common.checkpoint import atomic_write_text
 from medmeta_common.config import FederationConfig
-from medmeta_common.privacy.accounting import CONVERSION
+from medmeta_common.privacy.accounting import CONVERSIONS
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 
 
@@ -30,7 +30,8 @@ def write_report(out_dir: Path, config: FederationConfig, records: list[dict[str
         f"- {len(config.sites)} site(s), {config.rounds} round(s) of "
         f"{config.train.local_steps} local step(s); loss `{config.train.loss}`; meta-update "
         f"`{config.server.optimizer}` with meta-lr {config.server.meta_lr}",
-        f"- encoder `{config.model.preset}`, images {config.image.size}x{config.image.size}, "
+        f"- encoder `{config.model.backbone}` (weights `{config.model.weights}`, trainable "
+        f"`{config.train.trainable}`), images {config.image.size}x{config.image.size}, "
         f"{config.image.channels} channel(s)",
         "",
         "## Few-shot validation accuracy at the training sites",
@@ -66,7 +67,9 @@ def write_report(out_dir: Path, config: FederationConfig, records: list[dict[str
                   f"(clip {config.server.central_dp.clip:g}, noise multiplier "
                   f"{config.server.central_dp.noise_multiplier:g}), reported separately from "
                   "the record-level epsilon above."]
-    lines += ["", f"Accounting: {CONVERSION}. The guarantee covers the encoder updates a site "
+    accountants = sorted({config.privacy_of(s).accountant for s in config.sites})
+    accounting = "; ".join(CONVERSIONS[a] for a in accountants)
+    lines += ["", f"Accounting: {accounting}. The guarantee covers the encoder updates a site "
               "sends; the sizes of its training and validation sets and its validation accuracy "
               "are released outside it.", ""]
     if config.held_out is not None and held_out is not None:

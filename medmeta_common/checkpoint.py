@@ -79,6 +79,7 @@ def checkpoint_payload(
     config_hash: str,
     federation: str,
     server_optimizer: dict[str, Any] | None = None,
+    prior: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to resume the run or adapt the encoder at a new site."""
     return {
@@ -92,6 +93,9 @@ def checkpoint_payload(
         "config_schema": SCHEMA_VERSION,
         "federation": federation,
         "server_optimizer": server_optimizer or {},
+        # The frozen weights are not in the checkpoint: it names them by hash, with the
+        # set of parameters ``encoder`` holds (absent: every parameter, a full encoder).
+        "prior": prior or {"sha256": "none", "weights": "none", "trainable": "all"},
     }
 
 

@@ -25,10 +25,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from medmeta_common.app_logging import log_in_flower_process
+from medmeta_common.checkpoint import atomic_write
 from medmeta_common.config import MethodConfig
-from medmeta_common.models.factory import build_encoder
+from medmeta_common.models.factory import build_encoder, trainable_arrays, trainable_layout
+from medmeta_common.models.prior import PRIORS_DIR, prior_sha256
 from medmeta_common.progress import progress_bar
-from medmeta_common.protocol import flatten, layout_of
+from medmeta_common.protocol import flatten
 from medmeta_common.wire import numpy_to_arrays, to_config_record
 from server.meta_update import MetaOptimizer
 from server.plots import write_plots, write_rounds_csv
@@ -44,15 +46,33 @@ log = logging.getLogger("medmeta.server")
 RunConfig = MethodConfig
 
 
-def settings_record(config: RunConfig) -> ConfigRecord:
-    """The settings every site needs each round, as flat typed entries."""
+def settings_record(config: RunConfig, prior: str) -> ConfigRecord:
+    """The settings every site needs each round, as flat typed entries.
+
+    ``prior`` names the public prior by its SHA-256: a site whose prior differs refuses.
+    """
     entries: dict[str, Any] = {}
     for prefix in ("image", "model", "train", "evaluation"):
         entries.update(flatten(getattr(config, prefix), prefix))
     entries.update({"planned-rounds": config.rounds, "seed": config.seed,
-                    "update-encoding": config.server.update_encoding,
+                    "update-encoding": config.server.update_encoding, "prior-sha256": prior,
                     "spare-rounds": config.server.spare_rounds})
     return to_config_record(entries)
+
+
+def publish_prior(config: RunConfig, out_dir: Path) -> str:
+    """The prior's SHA-256; a file prior is copied into ``out_dir/priors/<sha256>.pt``.
+
+    The copy lets simulated sites and ``medmeta adapt`` at a new site find the prior
+    by its hash next to the checkpoints (it is public: it holds no site's data).
+    """
+    sha = prior_sha256(config.model.weights)
+    if config.model.has_file_prior:
+        target = out_dir / PRIORS_DIR / f"{sha}.pt"
+        if not target.exists():
+            data = Path(config.model.weights).read_bytes()
+            atomic_write(target, lambda handle: handle.write(data))
+    return sha
 
 
 def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool,
@@ -66,7 +86,9 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
     random.seed(config.seed)  # Flower samples sites with the `random` module
     state = RunState(out_dir)
     encoder = build_encoder(config.model, config.image, config.seed)
-    initial = {k: v.numpy() for k, v in encoder.state_dict().items()}
+    trainable = config.train.trainable
+    prior = publish_prior(config, out_dir)
+    initial = trainable_arrays(encoder, trainable)
     offset, optimizer_state = 0, {}
     if resume:
         latest = state.check_resumable(config)
@@ -83,10 +105,10 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         return offset
     meta_optimizer = MetaOptimizer(config.server, initial)
     meta_optimizer.load_state_dict(optimizer_state)
-    recorder = RunRecorder(state, config, meta_optimizer)
+    recorder = RunRecorder(state, config, meta_optimizer, prior)
     strategy = MetaStrategy(
         meta_optimizer=meta_optimizer,
-        layout=layout_of(encoder),
+        layout=trainable_layout(encoder, trainable),
         min_sites=config.min_sites,
         round_offset=offset,
         recorder=recorder,
@@ -95,12 +117,13 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         evaluate_every=config.server.evaluate_every,
         last_round=config.rounds,
         max_failed_rounds=config.server.max_failed_rounds,
+        wait_for_sites=config.sites_to_wait_for,
     )
     strategy.sites.register(registered or {})
     try:
         with progress_bar("rounds", config.rounds, completed=offset) as bar:
             recorder.bar = bar
-            _run_rounds(grid, strategy, config, initial)
+            _run_rounds(grid, strategy, config, initial, prior)
     except RoundsFailedError as exc:
         log.error("the run FAILED: %s", exc)
         recorder.progress("failed", round=strategy.next_round, reason=str(exc))
@@ -119,9 +142,9 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
 
 
 def _run_rounds(grid: Grid, strategy: MetaStrategy, config: RunConfig,
-                initial: dict[str, np.ndarray]) -> None:
+                initial: dict[str, np.ndarray], prior: str) -> None:
     """The remaining rounds, on the plain or the secure round driver."""
-    settings = settings_record(config)
+    settings = settings_record(config, prior)
     if config.server.secure_aggregation is not None:
         from server.secure import run_secure_rounds
 

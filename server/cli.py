@@ -1,4 +1,4 @@
-"""The consortium operator's commands: ``certs init``, ``certs server`` and ``server``.
+"""The consortium operator's commands: ``certs init``, ``certs server``, ``server``, ``release``.
 
 ``medmeta server start`` runs the aggregation server (a Flower SuperLink with TLS and
 SuperNode authentication, the sites registered, the meta-learning run submitted);
@@ -26,8 +26,60 @@ if TYPE_CHECKING:
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
+def register_pretrain(commands: Commands) -> None:
+    """Add ``pretrain`` (the operator makes a data-free prior)."""
+    from server.pretrain import PretrainSettings
+
+    defaults = PretrainSettings()
+    pretrain = commands.add_parser(
+        "pretrain", help="make a data-free prior: the backbone trained on synthetic images",
+        description="Pretrain EfficientNet-Lite0 on procedurally generated (dead-leaves) "
+        "images, no real image involved, for consortia that may not use public weights. "
+        "Write the weights to --out and print their SHA-256; give the file to every site "
+        "(its priors folder) and name it in server.yaml as model.weights.")
+    pretrain.add_argument("--synthetic", action="store_true", required=True,
+                          help="train on synthetic images (the only source there is)")
+    pretrain.add_argument("--out", type=Path, required=True, help="the weights file to write")
+    pretrain.add_argument("--steps", type=int, default=defaults.steps,
+                          help=f"optimiser steps (default {defaults.steps}: about 35 minutes "
+                          "on 2 CPU cores)")
+    pretrain.add_argument("--images", type=int, default=defaults.images,
+                          help=f"synthetic images generated (default {defaults.images})")
+    pretrain.add_argument("--classes", type=int, default=defaults.classes,
+                          help=f"random image styles to tell apart (default {defaults.classes})")
+    pretrain.add_argument("--size", type=int, default=defaults.size,
+                          help=f"image side in pixels (default {defaults.size})")
+    pretrain.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    pretrain.add_argument("--seed", type=int, default=defaults.seed)
+    pretrain.add_argument("--force", action="store_true", help="replace an existing file")
+    pretrain.set_defaults(handler=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """Pretrain the synthetic prior and say how to use it."""
+    from medmeta_common.errors import ConfigError
+    from server.pretrain import PretrainSettings, pretrain
+
+    if args.out.exists() and not args.force:
+        raise ConfigError(source="--out", field="out", expected="a new file (or --force)",
+                          found=f"{args.out} exists")
+    for name in ("steps", "images", "classes", "size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(source=f"--{name.replace('_', '-')}", field=name,
+                              expected="at least 1", found=str(getattr(args, name)))
+    settings = PretrainSettings(steps=args.steps, images=args.images, classes=args.classes,
+                                size=args.size, batch_size=args.batch_size, seed=args.seed)
+    sha = pretrain(settings, args.out)
+    print(f"Synthetic prior written to {args.out} (SHA-256 {sha}).")
+    print("  server.yaml: model: {backbone: efficientnet_lite0, weights: " + str(args.out) + "}")
+    print("  every site: put the file in its priors folder (site.yaml priors:, or "
+          "<state_dir>/priors/); sites find it by its SHA-256")
+    return 0
+
+
 def register(commands: Commands, certs_commands: Commands) -> None:
-    """Add ``certs init``, ``certs server`` and the ``server`` command group."""
+    """Add ``certs init``, ``certs server``, ``pretrain`` and the ``server`` command group."""
+    register_pretrain(commands)
     init = certs_commands.add_parser("init", help="create the consortium CA (operator)")
     init.add_argument("--out", type=Path, required=True, help="the consortium PKI folder")
     init.add_argument("--name", default="consortium", help="organisation name in the CA")
@@ -65,6 +117,14 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     stop.add_argument("--config", type=Path, required=True, help="server.yaml")
     stop.set_defaults(handler=run_server_stop)
     add_dashboard_command(operator_commands)
+    register_release(commands)
+
+
+def register_release(commands: Commands) -> None:
+    """Add ``release keygen|sign|verify`` (the release manager's, see :mod:`server.release`)."""
+    from server import release
+
+    release.register(commands)
 
 def run_certs_init(args: argparse.Namespace) -> int:
     """Create the consortium CA."""

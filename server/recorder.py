@@ -30,11 +30,12 @@ log = logging.getLogger("medmeta.server")
 class RunRecorder:
     """Writes the checkpoint, metrics and progress of each round, and logs it."""
 
-    def __init__(self, state: RunState, config: MethodConfig,
-                 meta_optimizer: MetaOptimizer, tracker: RunTracker | None = None) -> None:
+    def __init__(self, state: RunState, config: MethodConfig, meta_optimizer: MetaOptimizer,
+                 prior: str, tracker: RunTracker | None = None) -> None:
         self.state = state
         self.config = config
         self.meta_optimizer = meta_optimizer
+        self.prior = prior
         self.tracker = tracker or RunTracker(state.out_dir)
         self.started = time.time()
         self.bar = Bar(None, None)  # the rounds bar, on a terminal
@@ -58,7 +59,9 @@ class RunRecorder:
             round_number=round_number, encoder_state=encoder,
             image=asdict(self.config.image), model=asdict(self.config.model),
             config_hash=self.config.hash(), federation=self.config.name,
-            server_optimizer=self.meta_optimizer.state_dict())
+            server_optimizer=self.meta_optimizer.state_dict(),
+            prior={"sha256": self.prior, "weights": self.config.model.weights,
+                   "trainable": self.config.train.trainable, "seed": str(self.config.seed)})
         self.state.save_checkpoint(round_number, payload)
         self.tracker.train(record)
         self.bar.advance()

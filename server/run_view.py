@@ -85,12 +85,14 @@ class RunView:
         return data
 
 
-def _registered_names(state: RunState) -> list[str]:
+def _registered_names(state: RunState) -> dict[str, str]:
+    """Registered site name -> Flower node id (``sites.json``)."""
     try:
         raw = json.loads((state.out_dir / REGISTERED_SITES_FILE).read_text())
-        return sorted(str(name) for name in raw) if isinstance(raw, dict) else []
+        return {str(name): str(node) for name, node in raw.items()} \
+            if isinstance(raw, dict) else {}
     except (OSError, ValueError):
-        return []
+        return {}
 
 
 def _eta(train: list[dict[str, Any]], remaining: int) -> float | None:
@@ -127,17 +129,28 @@ def read_run(state_dir: Path, rounds_planned: int | None = None) -> RunView:
         view.eta_seconds = _eta(train, int(planned or done) - done)
     elif view.status == "failed":
         view.failure = progress.get("reason")
-    for name in _registered_names(state):
+    registered = _registered_names(state)
+    for name in sorted(registered):
         view.sites[name] = SiteView(name=name, registered=True)
+    # Records of older servers named a site that never said its name `node-<id>`.
+    aliases = {f"node-{node}": name for name, node in registered.items()}
     for record in records:
-        _add_record(view, record)
+        _add_record(view, _named(record, aliases))
     for site in view.sites.values():
         # Not reported since the last completed round: the site spent at least this much.
         site.epsilon_stale = site.epsilon_round is not None and site.epsilon_round < done
     central = [r["central_epsilon"] for r in train if "central_epsilon" in r]
     view.central_epsilon = central[-1] if central else None
-    view.rounds = [_round_row(r) for r in records if r.get("phase") in ("train", "failed")]
+    view.rounds = [_round_row(_named(r, aliases)) for r in records
+                   if r.get("phase") in ("train", "failed")]
     return view
+
+
+def _named(record: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    sites = record.get("sites", {})
+    if not any(name in aliases for name in sites):
+        return record
+    return {**record, "sites": {aliases.get(n, n): m for n, m in sites.items()}}
 
 
 def _add_record(view: RunView, record: dict[str, Any]) -> None:

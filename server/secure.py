@@ -105,7 +105,7 @@ class SecureRoundStrategy(Strategy):
         """Sample sites (waiting for ``min_sites``) and give each the round's settings."""
         connected = len(list(self.grid.get_node_ids()))
         size = max(self.meta.min_sites, math.ceil(self.fraction * connected))
-        self.sampled, _ = sample_nodes(self.grid, self.meta.min_sites, size)
+        self.sampled, _ = sample_nodes(self.grid, self.meta.min_available_nodes, size)
         self.meta.learn_site_names(self.grid)
         self.meta.sites_asked(self.sampled)
         config: dict[str, Any] = {**dict(self.settings), "server-round": self.round_number}

@@ -11,16 +11,15 @@ from server.run_view import duration
 def _site_line(name: str, site: dict[str, Any], node: dict[str, Any] | None) -> str:
     age = site.get("age_seconds")
     report = "never" if age is None else f"{duration(age)} ago"
-    last = site.get("status") or "not seen"
-    if site.get("last_round") is not None:
-        last = f"round {site['last_round']}: {site.get('reason') or last}"
+    last = site.get("reason") or site.get("status") or "not seen"
+    where = "" if site.get("last_round") is None else f" (round {site['last_round']})"
     spent = "-" if site.get("epsilon") is None else f"{site['epsilon']:.3f}"
     budget = "?" if site.get("epsilon_budget") is None else f"{site['epsilon_budget']:g}"
     epsilon = f"epsilon {spent} of {budget}"
     if site.get("epsilon_stale"):
         epsilon += f" (stale: reported in round {site['epsilon_round']})"
-    link = f"  {node['status']}" if node else ""
-    return f"  {name:<16}{link:<10} last report {report:<12} {last}; {epsilon}"
+    link = f"{node['status']}, " if node else ""
+    return f"  {name:<20} last round {last}{where}; {link}last report {report}; {epsilon}"
 
 
 def format_status(status: dict[str, Any], now: float | None = None) -> list[str]:

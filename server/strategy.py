@@ -98,6 +98,8 @@ class MetaStrategy(FedAvg):
     max_failed_rounds : int
         Failed attempts of one round, in a row, after which the run stops
         (:class:`~server.round_outcome.RoundsFailedError`).
+    wait_for_sites : int, optional
+        Connected sites a round waits for before sampling (default ``min_sites``).
 
     """
 
@@ -115,13 +117,14 @@ class MetaStrategy(FedAvg):
         last_round: int | None = None,
         query_timeout: float = 120.0,
         max_failed_rounds: int = 3,
+        wait_for_sites: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
-            min_available_nodes=min_sites,
+            min_available_nodes=max(min_sites, wait_for_sites or 0),
             arrayrecord_key=ARRAYS_KEY,
             configrecord_key=CONFIG_KEY,
         )

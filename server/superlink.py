@@ -195,11 +195,20 @@ class SuperLink:
             return {}
 
     def start_run(self, rounds: int | None = None) -> str:
-        """Submit the meta-learning run (our ServerApp) and remember its ID."""
-        run_config = f"server-config='{self.config_path}'"
-        if rounds is not None:  # `medmeta server start --rounds N`
-            run_config += f" rounds={int(rounds)}"
-        payload = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", run_config)
+        """Submit the meta-learning run (our ServerApp) and remember its ID.
+
+        A ``release:`` in server.yaml is submitted exactly as signed, with its
+        signature in the run config (:mod:`server.release_run`); ``rounds`` overrides
+        the config's (``medmeta server start --rounds N``).
+        """
+        from server.release_run import release_submission
+
+        app_dir, entries = release_submission(self.config, self.state, APP_DIR)
+        extra = [a for k, v in entries.items() for a in ("--run-config", f"{k}='{v}'")]
+        if rounds is not None:
+            extra += ["--run-config", f"rounds={int(rounds)}"]
+        payload = self.flwr("run", str(app_dir), CONNECTION, "--run-config",
+                            f"server-config='{self.config_path}'", *extra)
         run_id = str(payload.get("run-id"))
         atomic_write_json(self.state / "run.json", {"run-id": run_id,
                                                     "config": str(self.config_path),

@@ -62,6 +62,23 @@ def test_reference_point_and_both_conversions() -> None:
     assert classic > reported
 
 
+def test_the_prv_accountant_is_nearly_tight_at_the_reference_point() -> None:
+    """The same point by the PRV accountant (its upper bound, eps_error 0.01): 6.779, where
+    the exact PLD value (Google's dp-accounting) is 6.769 and RDP/Balle gives 7.329."""
+    prv = epsilon_of([(1.5, 0.04, 2250)], 1e-5, "prv")
+    assert prv == pytest.approx(6.779, abs=0.005)
+    assert 6.769 <= prv < epsilon_of([(1.5, 0.04, 2250)], 1e-5, "rdp")  # never below the tight
+
+
+def test_prv_calibration_buys_less_noise_and_never_overshoots() -> None:
+    for q, steps in ((0.1, 100), (0.02, 600), (0.3, 30)):
+        sigma = {a: calibrate_noise(epsilon=8.0, delta=1e-5, sample_rate=q, steps=steps,
+                                    accountant=a) for a in ("prv", "rdp")}
+        assert sigma["prv"] < sigma["rdp"]
+        spent = epsilon_of([(sigma["prv"], q, steps)], 1e-5, "prv")
+        assert 8.0 - 0.05 <= spent <= 8.0 + 1e-9
+
+
 def test_composition_is_additive_in_rdp() -> None:
     split = epsilon_of([(1.1, 0.05, 300), (1.1, 0.05, 700)], 1e-5)
     assert split == pytest.approx(epsilon_of([(1.1, 0.05, 1000)], 1e-5), rel=1e-9)

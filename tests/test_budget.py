@@ -23,7 +23,7 @@ def budget(state: Path, epsilon: float, round_number: int) -> RoundBudget:
 
 def test_the_round_that_would_overspend_is_refused_and_nothing_is_recorded(
         tmp_path: Path) -> None:
-    one, two = (epsilon_of([(SIGMA, RATE, k * STEPS)], DELTA) for k in (1, 2))
+    one, two = (epsilon_of([(SIGMA, RATE, k * STEPS)], DELTA, "prv") for k in (1, 2))
     limit = (one + two) / 2  # room for one round, not two
     trained: list[DPSettings] = []
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.fewshot import evaluate_fewshot, finetune_all
+from client.fewshot import evaluate_fewshot, finetune_encoder
 from client.round import local_training
 from client.tasks import get_task
 from medmeta_common.config import DataConfig, FewShotConfig, ImageConfig, ModelConfig, TrainConfig
@@ -61,12 +61,12 @@ def test_gpu_and_cpu_evaluation_agree() -> None:
     assert gpu.accuracy_mean == pytest.approx(cpu.accuracy_mean, abs=0.02)
 
 
-def test_finetune_all_on_cuda_with_amp() -> None:
+def test_finetune_encoder_on_cuda_with_amp() -> None:
     site = demo("site-3")
     encoder = build_encoder(ModelConfig(), IMAGE, seed=0).cuda()
     images = torch.from_numpy(site.images[:40]).cuda()
     labels = torch.from_numpy(site.labels[:40]).cuda()
-    tuned, head = finetune_all(encoder, images, labels, 4, steps=5, scale=10.0,
+    tuned, head = finetune_encoder(encoder, images, labels, 4, steps=5, scale=10.0,
                                device=torch.device("cuda"), amp=True)
     assert next(tuned.parameters()).device.type == "cuda"
     assert np.isfinite(head.weight.detach().cpu().numpy()).all()

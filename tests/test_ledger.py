@@ -86,3 +86,18 @@ def test_privacy_report_states_the_guarantee(tmp_path: Path) -> None:
         assert "0.8" in text and "1.2" in text and "0.05" in text
         assert "never" in text and "per-record gradients" in text
     assert "data:image/png;base64," in to_html(ledger)
+
+
+def test_the_ledger_names_its_accountant_and_a_change_reaccounts_the_history(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old = open_ledger(tmp_path)  # a ledger of medmeta 0.1: RDP
+    old.record(1, 1.1, 0.05, 300)
+    assert json.loads((tmp_path / LEDGER_FILE).read_text())["accountant"] == "rdp"
+    reopened = open_ledger(tmp_path, accountant="prv")
+    assert "accounted with prv" in caplog.text
+    assert reopened.epsilon == pytest.approx(epsilon_of([(1.1, 0.05, 300)], 1e-5, "prv"))
+    assert reopened.epsilon < epsilon_of([(1.1, 0.05, 300)], 1e-5, "rdp")
+    reopened.record(2, 1.1, 0.05, 100)
+    saved = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert saved["accountant"] == "prv" and "PRV" in saved["conversion"]
+    assert read_ledger(tmp_path / LEDGER_FILE).accountant == "prv"

@@ -37,7 +37,7 @@ from medmeta_common.privacy.sampling import PoissonSampler, Sampler
 
 if TYPE_CHECKING:
     from client.settings import RoundSettings, SiteRuntime
-    from medmeta_common.models.encoder import Encoder
+    from medmeta_common.models.encoder import SharedEncoder
 
 Metrics = dict[str, float | int]
 
@@ -94,7 +94,7 @@ class AdaptRequest:
     queries: int
     episodes: int | None
     finetune_steps: int | None
-    finetune: Literal["head", "all"]
+    finetune: Literal["head", "film", "all"] | None
     tile: int
     seed: int
     save: Path | None
@@ -102,10 +102,23 @@ class AdaptRequest:
 
 @dataclass(frozen=True)
 class AdaptDefaults:
-    """A task's defaults for ``medmeta adapt`` flags left unset (shown in ``--help``)."""
+    """A task's defaults for ``medmeta adapt`` flags left unset (shown in ``--help``).
+
+    Fine-tuning (``finetune`` mode, ``finetune_steps`` at ``finetune_lr``) is the default
+    from ``finetune_from_shots`` labelled images per class up; below it, prototypes alone.
+    """
 
     episodes: int
     finetune_steps: int
+    finetune: Literal["head", "film", "all"] = "head"
+    finetune_lr: float | None = None
+    finetune_from_shots: int = 1
+
+    def steps_for(self, shots: int, asked: int | None) -> int:
+        """The fine-tuning steps of an adaptation with ``shots`` (``asked`` wins)."""
+        if asked is not None:
+            return asked
+        return self.finetune_steps if shots >= self.finetune_from_shots else 0
 
 
 D = TypeVar("D", bound=TaskData)
@@ -121,6 +134,8 @@ class Task(ABC, Generic[D]):
     rows: ClassVar[str]
     # Without DP, minimise the batch's mean or sum of per-row terms.
     reduction: ClassVar[Literal["mean", "sum"]] = "mean"
+    # What of the encoder the task's loss reads: its embedding, or its feature maps.
+    encoder_output: ClassVar[Literal["embedding", "features"]] = "embedding"
     adapt_defaults: ClassVar[AdaptDefaults]
 
     # --- data ----------------------------------------------------------------------
@@ -153,7 +168,7 @@ class Task(ABC, Generic[D]):
         return None  # every task accepts every setting by default
 
     @abstractmethod
-    def site_model(self, site: SiteRuntime, encoder: Encoder, data: D,
+    def site_model(self, site: SiteRuntime, encoder: SharedEncoder, data: D,
                    settings: RoundSettings) -> torch.nn.Module:
         """The encoder with this site's local parts, from its state directory or fresh."""
 
@@ -187,7 +202,7 @@ class Task(ABC, Generic[D]):
     # --- evaluation and a new site ---------------------------------------------------
 
     @abstractmethod
-    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: Encoder,
+    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder,
                  val: D, device: torch.device) -> Metrics:
         """The validation metric of ``encoder`` at this site (released in the reply)."""
 

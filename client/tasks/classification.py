@@ -38,7 +38,7 @@ from medmeta_common.data.records import SiteData
 from medmeta_common.data.sources import load_site
 from medmeta_common.device import autocast
 from medmeta_common.episodes import classes_with_at_least, sample_episode
-from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead, prototypes
 from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss
 from medmeta_common.privacy.sampling import Draw, Sampler
@@ -73,7 +73,7 @@ class ClassificationTask(Task[SiteData]):
             raise ValueError("the server asked for the non-private 'protonet' loss; this site "
                              "trains under DP and only accepts the per-record 'cosine' loss")
 
-    def site_model(self, site: SiteRuntime, encoder: Encoder, data: SiteData,
+    def site_model(self, site: SiteRuntime, encoder: SharedEncoder, data: SiteData,
                    settings: RoundSettings) -> EncoderWithHead:
         """The encoder with the site's cosine head (and rotation head, if asked for)."""
         head = load_head(site, data.classes, encoder.embedding_dim,
@@ -120,7 +120,7 @@ class ClassificationTask(Task[SiteData]):
                                  amp=amp)
         return cosine_loss(model, data, train, generator=generator, device=device, amp=amp)
 
-    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: Encoder,
+    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder,
                  val: SiteData, device: torch.device) -> Metrics:
         """Few-shot accuracy of ``encoder`` on the validation patients."""
         fewshot = fit_episode_shape(settings.evaluation, val.labels, len(val.classes))

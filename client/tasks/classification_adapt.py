@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from client.fewshot import (
+    FINETUNE_LR,
     FewShotResult,
     FinetuneMode,
     embed,
     evaluate_fewshot,
-    finetune_all,
+    finetune_encoder,
     fit_head,
 )
 from client.meta_model import (
@@ -70,7 +71,8 @@ def evaluate_site(meta: MetaModel, data: DataConfig, fewshot: FewShotConfig, *, 
 
 
 def adapt(meta: MetaModel, site: SiteData, *, finetune_steps: int = 0,
-          finetune: FinetuneMode = "head", device: torch.device | None = None) -> AdaptedModel:
+          finetune: FinetuneMode = "head", device: torch.device | None = None,
+          lr: float | None = None) -> AdaptedModel:
     """A classifier for the site's classes from all its labelled images.
 
     Prototypes of the labelled images initialise a cosine head; with
@@ -85,15 +87,17 @@ def adapt(meta: MetaModel, site: SiteData, *, finetune_steps: int = 0,
     labels = torch.from_numpy(site.labels).to(device)
     n_classes = len(site.classes)
     encoder: torch.nn.Module = meta.encoder
-    if finetune == "all" and finetune_steps > 0:
-        encoder, head = finetune_all(meta.encoder, torch.from_numpy(site.images).to(device),
-                                     labels, n_classes, finetune_steps,
-                                     meta.model.cosine_scale, device, amp=False)
+    rate = lr or FINETUNE_LR[finetune]
+    if finetune != "head" and finetune_steps > 0:
+        encoder, head = finetune_encoder(meta.encoder, torch.from_numpy(site.images).to(device),
+                                         labels, n_classes, finetune_steps,
+                                         meta.model.cosine_scale, device, amp=False, lr=rate,
+                                         part=finetune)
     else:
         embeddings = embed(meta.encoder, site.images, device)
         with torch.enable_grad():
             head = fit_head(embeddings, labels, n_classes, finetune_steps,
-                            meta.model.cosine_scale)
+                            meta.model.cosine_scale, lr=rate)
     counts = {c: int(n) for c, n in zip(site.classes, np.bincount(site.labels, minlength=n_classes),
                                         strict=True)}
     info = {"classes": list(site.classes), "images_per_class": counts,
@@ -138,18 +142,19 @@ def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
     if request.ways is None:
         raise ConfigError(source="--ways", field="ways", expected="the number of classes per "
                           "episode (required for classification)", found="nothing")
-    steps = defaults.finetune_steps if request.finetune_steps is None \
-        else request.finetune_steps
+    steps = defaults.steps_for(request.shots, request.finetune_steps)
+    mode = request.finetune or defaults.finetune
     fewshot = build(FewShotConfig, {"ways": request.ways, "shots": request.shots,
                                     "queries": request.queries,
                                     "episodes": request.episodes or defaults.episodes,
-                                    "finetune_steps": steps}, source="command line")
+                                    "finetune_steps": steps,
+                                    "finetune_lr": defaults.finetune_lr}, source="command line")
     meta = load_meta_model(request.checkpoint)
     result = evaluate_site(meta, request.data, fewshot, seed=request.seed,
-                           finetune=request.finetune)
+                           finetune=mode)
     if request.save is not None:
         adapted = adapt(meta, load_site(request.data, meta.image), finetune_steps=steps,
-                        finetune=request.finetune)
+                        finetune=mode, lr=defaults.finetune_lr)
         path = save_adapted(adapted, request.save)
         log.info("adapted model for classes %s written to %s", list(adapted.classes), path)
     summary = (f"{result.ways}-way {result.shots}-shot accuracy: "

@@ -46,7 +46,7 @@ from medmeta_common.config import DataConfig, ImageConfig, TrainConfig
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.data.sources import load_segmentation
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
-from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.privacy.dp_sgd import TaskLoss
 from medmeta_common.privacy.sampling import FixedBatchSampler, Sampler, poisson_rate
 from medmeta_common.protocol import NUM_EXAMPLES
@@ -64,6 +64,7 @@ class SegmentationTask(Task[SegmentationData]):
     record = "one source image (a volume with all its slices, an image with all its tiles)"
     rows = "slices/tiles"
     reduction = "sum"
+    encoder_output = "features"
     adapt_defaults = AdaptDefaults(episodes=20, finetune_steps=100)
 
     def read(self, data: DataConfig, image: ImageConfig, *, tile: int) -> SegmentationData:
@@ -87,7 +88,7 @@ class SegmentationTask(Task[SegmentationData]):
         """Source images (``image``) or the manifest's patients (``patient``)."""
         return data.sources if unit == "image" else patients_of(data, source=source)
 
-    def site_model(self, site: SiteRuntime, encoder: Encoder, data: SegmentationData,
+    def site_model(self, site: SiteRuntime, encoder: SharedEncoder, data: SegmentationData,
                    settings: RoundSettings) -> Segmenter:
         """The encoder with the site's decoder."""
         return Segmenter(encoder, load_decoder(site, encoder, len(data.classes), settings.seed))
@@ -101,7 +102,7 @@ class SegmentationTask(Task[SegmentationData]):
 
     def optimizer(self, model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
         """Adam on the encoder and decoder."""
-        return segmenter_optimizer(model, SEGMENTATION_LR, train_encoder=True)
+        return segmenter_optimizer(model, SEGMENTATION_LR)
 
     def sampling(self, data: SegmentationData, train: TrainConfig) -> SamplingPlan:
         """Poisson sampling of ``train.batch_size`` expected rows a step (no class draw)."""
@@ -117,13 +118,7 @@ class SegmentationTask(Task[SegmentationData]):
         """The per-row Dice + cross-entropy loss of the module docstring."""
         return segmentation_loss(data, generator, device)
 
-    def after_training(self, model: torch.nn.Module) -> None:
-        """The encoder's parameters train again by default."""
-        assert isinstance(model, Segmenter)
-        for param in model.encoder.parameters():
-            param.requires_grad_(True)
-
-    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: Encoder,
+    def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder,
                  val: SegmentationData, device: torch.device) -> Metrics:
         """Dice of the site's decoder on the global encoder, over its validation rows."""
         metrics: Metrics = {NUM_EXAMPLES: len(val)}
@@ -157,7 +152,7 @@ class SegmentationTask(Task[SegmentationData]):
         return predict_command(folder, inputs, out)
 
 
-def load_decoder(site: SiteRuntime, encoder: Encoder, classes: int, seed: int) -> UNetDecoder:
+def load_decoder(site: SiteRuntime, encoder: SharedEncoder, classes: int, seed: int) -> UNetDecoder:
     """The site's saved decoder, or a fresh one (data-independent) on first use."""
     decoder = build_decoder(encoder, classes, seed)
     path = site.state_dir / DECODER_FILE

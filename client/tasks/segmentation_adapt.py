@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,10 +41,14 @@ from medmeta_common.data.segmentation import CLASSES, SegmentationData
 from medmeta_common.data.sources import load_segmentation
 from medmeta_common.data.transforms import harmonise_stack
 from medmeta_common.errors import ConfigError, DataError
-from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
-from medmeta_common.models.encoder import Encoder
+from medmeta_common.models.decoder import Segmenter, build_decoder, decoder_for
+from medmeta_common.models.encoder import SharedEncoder
 
 log = logging.getLogger(__name__)
+
+# What of the encoder a segmentation fine-tuning mode trains beside the decoder.
+ENCODER_PART: dict[str, Literal["none", "film", "all"]] = {
+    "decoder": "none", "film": "film", "all": "all"}
 
 SEGMENTER_FILE = "adapted_segmenter.pt"
 
@@ -63,7 +67,7 @@ class DiceResult:
     foreground_dice_ci95: float = math.nan
 
 
-def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, shots: int,
+def evaluate_fewshot_segmentation(encoder: SharedEncoder, data: SegmentationData, *, shots: int,
                                   queries: int = 10, episodes: int = 20, steps: int = 100,
                                   lr: float = 1e-3, finetune: str = "decoder", seed: int = 0,
                                   device: torch.device | None = None) -> DiceResult:
@@ -87,7 +91,7 @@ def evaluate_fewshot_segmentation(encoder: Encoder, data: SegmentationData, *, s
         encoder.load_state_dict(initial)
         model = Segmenter(encoder, build_decoder(encoder, len(data.classes), seed + episode))
         fit_segmenter(model, support, steps=steps, batch_size=shots, lr=lr,
-                      seed=seed + episode, device=device, train_encoder=finetune == "all")
+                      seed=seed + episode, device=device, encoder_part=ENCODER_PART[finetune])
         model.eval()
         with torch.no_grad():
             logits = model(torch.from_numpy(query.images).to(device))
@@ -119,7 +123,7 @@ def adapt_segmentation(meta: MetaModel, data: SegmentationData, *, steps: int = 
     """Train a decoder (and with ``finetune='all'`` the encoder) on all annotated images."""
     model = Segmenter(meta.encoder, build_decoder(meta.encoder, len(CLASSES), seed))
     fit_segmenter(model, data, steps=steps, batch_size=min(16, len(data)), lr=1e-3,
-                  seed=seed, device=torch.device("cpu"), train_encoder=finetune == "all")
+                  seed=seed, device=torch.device("cpu"), encoder_part=ENCODER_PART[finetune])
     info = {"federation": meta.federation, "meta_round": meta.round, "images": len(data),
             "steps": steps, "finetune": finetune, "classes": list(CLASSES)}
     return AdaptedSegmenter(model.eval(), meta.image, meta.model, tile, info)
@@ -148,7 +152,7 @@ def load_segmenter(folder: Path) -> AdaptedSegmenter:
     payload = read_model_file(path, "medmeta-adapted-segmenter", "a medmeta adapted segmenter")
     image, model_config = model_settings(payload, str(path))
     encoder = saved_encoder(payload["encoder"], image, model_config, str(path))
-    decoder = UNetDecoder(encoder.spec.widths, len(CLASSES), encoder.spec.norm_groups)
+    decoder = decoder_for(encoder, len(CLASSES))
     decoder.load_state_dict(payload["decoder"])
     return AdaptedSegmenter(Segmenter(encoder, decoder).eval(), image, model_config,
                             int(payload["tile"]), dict(payload.get("info", {})))
@@ -248,9 +252,9 @@ def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
                           found=str(request.shots))
     meta = load_meta_model(request.checkpoint)
     data = load_segmentation(request.data, meta.image, tile=request.tile)
-    steps = defaults.finetune_steps if request.finetune_steps is None \
-        else request.finetune_steps
-    finetune = "all" if request.finetune == "all" else "decoder"
+    steps = defaults.steps_for(request.shots, request.finetune_steps)
+    mode = request.finetune or defaults.finetune
+    finetune = "decoder" if mode == "head" else mode
     result = evaluate_fewshot_segmentation(
         meta.encoder, data, shots=request.shots, queries=request.queries,
         episodes=request.episodes or defaults.episodes, steps=steps, finetune=finetune,

@@ -8,6 +8,8 @@ docstring.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from monai.metrics import compute_dice
 
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.models.decoder import Segmenter
+from medmeta_common.models.factory import freeze_all_but
 from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss, train_steps
 from medmeta_common.privacy.sampling import Draw, FixedBatchSampler
 
@@ -61,26 +64,30 @@ def segmentation_loss(data: SegmentationData, generator: torch.Generator,
     return loss
 
 
-def segmenter_optimizer(model: torch.nn.Module, lr: float, *,
-                        train_encoder: bool) -> torch.optim.Optimizer:
-    """Adam on the decoder, and on the encoder too when ``train_encoder``."""
-    assert isinstance(model, Segmenter)
-    for param in model.encoder.parameters():
-        param.requires_grad_(train_encoder)
+def segmenter_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam on the decoder and on the encoder parameters that require gradients."""
     return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
 def fit_segmenter(model: Segmenter, data: SegmentationData, *, steps: int, batch_size: int,
                   lr: float, seed: int, device: torch.device,
-                  train_encoder: bool = True) -> float:
-    """Non-private fine-tuning at a new site: ``steps`` Adam steps; the mean loss."""
+                  encoder_part: Literal["none", "film", "all"] = "all") -> float:
+    """Non-private fine-tuning at a new site: ``steps`` Adam steps; the mean loss.
+
+    The decoder always trains; of the encoder, nothing, its FiLM parameters, or all.
+    """
+    flags = [p.requires_grad for p in model.encoder.parameters()]
+    if encoder_part == "none":
+        model.encoder.requires_grad_(False)
+    else:
+        freeze_all_but(model.encoder, encoder_part)
     model.to(device).train()
-    optimizer = segmenter_optimizer(model, lr, train_encoder=train_encoder)
+    optimizer = segmenter_optimizer(model, lr)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     stats = train_steps(model, optimizer, FixedBatchSampler(len(data), batch_size, rng),
                         segmentation_loss(data, generator, device), steps=steps, dp=None,
                         device=device, reduction="sum")
-    for param in model.encoder.parameters():
-        param.requires_grad_(True)
+    for param, flag in zip(model.encoder.parameters(), flags, strict=True):
+        param.requires_grad_(flag)
     return stats.mean_loss

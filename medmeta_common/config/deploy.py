@@ -4,7 +4,9 @@
 federation: rounds, image, model, train, server, evaluation), where the SuperLink
 listens, the consortium's certificates, the state directory, and the sites' public
 keys. ``kind: site`` (a hospital) holds the site's data, its privacy budget, its state
-directory, the SuperLink address, the consortium CA and the site's private key.
+directory, the SuperLink address, the consortium CA, the site's private key, and which
+app code it runs (``app``, :mod:`medmeta_common.config.app`). The server's optional
+``release`` names a signed app bundle (``medmeta release sign``) to submit exactly.
 Relative paths are resolved against the YAML file's folder.
 """
 
@@ -14,12 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from medmeta_common.config.app import AppPolicyConfig, resolve_app_policy
 from medmeta_common.config.data import DataConfig, resolve_path, with_resolved_path
 from medmeta_common.config.federation import (
     FederationConfig,
     MethodConfig,
     RuntimeConfig,
     load_config,
+    with_resolved_weights,
 )
 from medmeta_common.config.privacy import PrivacyConfig
 from medmeta_common.config.tasks import DEFAULT_TILE, TaskName, check_task_fields
@@ -67,12 +71,19 @@ class RegisteredSite:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig(MethodConfig):
-    """The operator's ``server.yaml``."""
+    """The operator's ``server.yaml``.
+
+    ``release`` is the path of a signed app bundle (``.fab``, its ``.sig`` beside it)
+    that ``server start`` submits exactly, with its signature; without it the app is
+    built from the installed source and submitted unsigned. It is not part of the
+    method: a resumed run may change it.
+    """
 
     kind: Literal["server"]
     state_dir: str
     sites: tuple[RegisteredSite, ...] = ()
     superlink: SuperLinkConfig = field(default_factory=SuperLinkConfig)
+    release: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +111,10 @@ class SiteDeployConfig:
     cache_data: bool = True
     task: TaskName = "classification"
     tile: int = DEFAULT_TILE
+    # Folders where the site keeps file priors (found by their SHA-256; the state
+    # directory's ``priors/`` is searched too).
+    priors: tuple[str, ...] = ()
+    app: AppPolicyConfig = field(default_factory=AppPolicyConfig)
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, field="name",
@@ -133,11 +148,13 @@ def load_server_config(path: Path | str) -> ServerConfig:
     base = path.resolve().parent
     return replace(
         config,
+        model=with_resolved_weights(config.model, base),
         state_dir=resolve_path(base, config.state_dir),
         sites=tuple(replace(s, public_key=resolve_path(base, s.public_key))
                     for s in config.sites),
         superlink=replace(config.superlink,
                           certificates=_resolve(base, config.superlink.certificates)),
+        release=_resolve(base, config.release),
     )
 
 
@@ -149,7 +166,9 @@ def load_site_config(path: Path | str) -> SiteDeployConfig:
     return replace(config, data=with_resolved_path(config.data, base),
                    state_dir=resolve_path(base, config.state_dir),
                    root_certificate=_resolve(base, config.root_certificate),
-                   private_key=_resolve(base, config.private_key))
+                   priors=tuple(resolve_path(base, p) for p in config.priors),
+                   private_key=_resolve(base, config.private_key),
+                   app=resolve_app_policy(config.app, base, source=str(path)))
 
 
 def load_any_config(path: Path | str) -> FederationConfig | ServerConfig | SiteDeployConfig:

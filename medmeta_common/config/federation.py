@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from medmeta_common.config.data import DataConfig, with_resolved_path
+from medmeta_common.config.data import DataConfig, resolve_path, with_resolved_path
 from medmeta_common.config.fewshot import FewShotConfig
 from medmeta_common.config.fingerprint import fingerprint, legacy_fingerprint, v1_view
 from medmeta_common.config.image import ImageConfig
@@ -94,11 +94,28 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         check(self.rounds >= 1, field="rounds", expected="at least 1", found=self.rounds)
+        lite = self.model.backbone == "efficientnet_lite0"
+        check(lite or self.train.trainable == "all", field="train.trainable",
+              expected="'all' with a small/large backbone (FiLM needs EfficientNet-Lite0's "
+              "BatchNorm layers)", found=self.train.trainable)
+        if lite:
+            # The prior was trained on RGB images scaled to [0, 1] (then to [-1, 1]).
+            check(self.image.channels == 3, field="image.channels",
+                  expected="3 with backbone efficientnet_lite0 (grey images are converted)",
+                  found=self.image.channels)
+            check(self.image.intensity == "minmax", field="image.intensity",
+                  expected="'minmax' with backbone efficientnet_lite0 (the inputs its prior "
+                  "was trained on)", found=self.image.intensity)
 
     @property
     def min_sites(self) -> int:
         """Fewest accepted updates per round (default 2)."""
         return self.server.min_sites or 2
+
+    @property
+    def sites_to_wait_for(self) -> int:
+        """Connected sites a round waits for (``server.wait_for_sites``, at least min_sites)."""
+        return max(self.min_sites, self.server.wait_for_sites or 0)
 
     def method_hash(self) -> str:
         """Fingerprint of the method (round count excluded, so a run can be extended)."""
@@ -138,6 +155,9 @@ class FederationConfig(MethodConfig):
         check(self.min_sites <= len(self.sites), field="server.min_sites",
               expected=f"at most the number of sites ({len(self.sites)})",
               found=self.min_sites)
+        check(self.sites_to_wait_for <= len(self.sites), field="server.wait_for_sites",
+              expected=f"at most the number of sites ({len(self.sites)})",
+              found=self.server.wait_for_sites)
         self._check_aggregator()
         if self.train.loss == "protonet":
             privates = [s.name for s in self.sites if self.privacy_of(s).enabled]
@@ -188,4 +208,12 @@ def load_config(path: Path | str) -> FederationConfig:
     held_out = config.held_out
     if held_out is not None:
         held_out = replace(held_out, data=with_resolved_path(held_out.data, base))
-    return replace(config, sites=sites, held_out=held_out)
+    return replace(config, sites=sites, held_out=held_out, model=with_resolved_weights(
+        config.model, base))
+
+
+def with_resolved_weights(model: ModelConfig, base: Path) -> ModelConfig:
+    """``model`` with a file prior's path resolved against ``base`` (the YAML's folder)."""
+    if not model.has_file_prior:
+        return model
+    return replace(model, weights=resolve_path(base, model.weights))

@@ -9,13 +9,19 @@ from medmeta_common.config.typed import check
 
 @dataclass(frozen=True)
 class FewShotConfig:
-    """An N-way K-shot evaluation: episodes with disjoint support and query sets."""
+    """An N-way K-shot evaluation: episodes with disjoint support and query sets.
+
+    ``finetune_steps`` Adam steps on the support set follow the prototypes (0: prototypes
+    only), at ``finetune_lr`` (``null``: the fine-tuning mode's own rate,
+    :data:`client.fewshot.FINETUNE_LR`).
+    """
 
     ways: int = 3
     shots: int = 5
     queries: int = 10
     episodes: int = 200
     finetune_steps: int = 0
+    finetune_lr: float | None = None
 
     def __post_init__(self) -> None:
         check(self.ways >= 2, field="ways", expected="at least 2", found=self.ways)
@@ -24,3 +30,5 @@ class FewShotConfig:
         check(self.episodes >= 1, field="episodes", expected="at least 1", found=self.episodes)
         check(self.finetune_steps >= 0, field="finetune_steps", expected="0 or more",
               found=self.finetune_steps)
+        check(self.finetune_lr is None or self.finetune_lr > 0, field="finetune_lr",
+              expected="a positive number or null", found=self.finetune_lr)

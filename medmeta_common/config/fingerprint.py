@@ -93,6 +93,9 @@ _V1_VALUES: dict[tuple[str, str], dict[Any, Any]] = {
     ("DataConfig", "frames"): {None: "middle"},
 }
 
+# Schema-1 fields that were renamed since: (dataclass, old name) -> today's name.
+_V1_RENAMED: dict[tuple[str, str], str] = {("ModelConfig", "preset"): "backbone"}
+
 # Schema 1 left these settings out while they held these defaults (they were added
 # while schema-1 runs were being made).
 _V1_LATER_SERVER = {"aggregator": "mean", "trim_fraction": 0.2, "max_faulty": 1,
@@ -108,7 +111,7 @@ def v1_view(value: Any) -> Any:
         names = _V1_FIELDS.get(kind, tuple(f.name for f in dataclasses.fields(value)))
         out = {}
         for name in names:
-            item = getattr(value, name)
+            item = getattr(value, _V1_RENAMED.get((kind, name), name))
             if (kind, name) in _V1_VALUES:
                 item = _V1_VALUES[(kind, name)].get(item, item)
             out[name] = v1_view(item)

@@ -29,6 +29,10 @@ class PrivacyConfig:
         The privacy unit: one image (record), or one patient (all of a patient's
         images: patients are Poisson-sampled and each patient's summed gradient is
         clipped). ``patient`` needs patient IDs in the data (manifest, DICOM, group key).
+    accountant : {"prv", "rdp"}
+        How ε is computed (and the noise calibrated): the nearly tight PRV accountant
+        (default), or RDP with Balle et al.'s conversion (looser, about 8% more ε at
+        the same noise); :mod:`medmeta_common.privacy.accounting`.
 
     """
 
@@ -38,6 +42,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
     unit: Literal["image", "patient"] = "image"
+    accountant: Literal["prv", "rdp"] = "prv"
 
     def __post_init__(self) -> None:
         check(self.epsilon > 0, field="epsilon", expected="a positive number", found=self.epsilon)

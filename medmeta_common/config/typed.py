@@ -135,7 +135,7 @@ def _convert(tp: Any, value: Any, *, source: str, field: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         raise fail(f"did you mean {close[0]!r}?" if close else "")
     if origin is tuple:
-        if not isinstance(value, list):
+        if not isinstance(value, list | tuple):  # YAML gives lists; saved settings tuples
             raise fail()
         (item_type, *_rest) = get_args(tp)
         return tuple(
@@ -177,6 +177,7 @@ def _build_dataclass(cls: type, value: Any, *, source: str, field: str) -> Any:
         )
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
+    value = _renamed(cls, value, source=source, field=field)
     for key in value:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
@@ -210,6 +211,26 @@ def _build_dataclass(cls: type, value: Any, *, source: str, field: str) -> Any:
             hint=exc.hint,
         ) from None
     return instance
+
+
+def _renamed(cls: type, value: dict[str, Any], *, source: str, field: str) -> dict[str, Any]:
+    """``value`` with the keys an older schema used (``cls.RENAMED``) under their new names.
+
+    Old configs and checkpoints keep loading; giving both the old and the new key is an
+    error naming both.
+    """
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    if not any(old in value for old in renamed):
+        return value
+    out = dict(value)
+    for old, new in renamed.items():
+        if old in out:
+            if new in out and out[new] != out[old]:
+                raise ConfigError(source=source, field=_join(field, old),
+                                  expected=f"only {new!r} (which replaces {old!r})",
+                                  found=f"{old}: {out[old]!r} and {new}: {out[new]!r}")
+            out[new] = out.pop(old)
+    return out
 
 
 def _join(prefix: str, name: str) -> str:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from medmeta_common.models.encoder import Encoder, _groups
+from medmeta_common.models.encoder import Encoder, SharedEncoder, _groups
 
 
 class UNetDecoder(nn.Module):
@@ -45,21 +45,35 @@ class UNetDecoder(nn.Module):
 class Segmenter(nn.Module):
     """The shared encoder with a site-local decoder."""
 
-    def __init__(self, encoder: Encoder, decoder: UNetDecoder) -> None:
+    def __init__(self, encoder: SharedEncoder, decoder: UNetDecoder) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, classes, H, W)``."""
-        return self.decoder(self.encoder.features(images))
+        """Logits ``(B, classes, H, W)``, at the input's resolution.
+
+        A backbone whose first feature map is already downsampled (EfficientNet-Lite0's
+        is at half resolution) has its logits upsampled bilinearly to the input's size.
+        """
+        logits = self.decoder(self.encoder.features(images))
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        return logits
 
 
-def build_decoder(encoder: Encoder, classes: int, seed: int) -> UNetDecoder:
-    """A fresh decoder for ``encoder``, identical for the same seed."""
+def build_decoder(encoder: SharedEncoder, classes: int, seed: int) -> UNetDecoder:
+    """A fresh decoder for ``encoder``'s feature maps, identical for the same seed."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return UNetDecoder(encoder.spec.widths, classes, encoder.spec.norm_groups)
+        return decoder_for(encoder, classes)
     finally:
         torch.random.set_rng_state(state)
+
+
+def decoder_for(encoder: SharedEncoder, classes: int) -> UNetDecoder:
+    """A decoder (random weights) that reads ``encoder``'s feature maps."""
+    groups = encoder.spec.norm_groups if isinstance(encoder, Encoder) else 8
+    return UNetDecoder(encoder.skip_spec.channels, classes, groups)

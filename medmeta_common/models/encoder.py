@@ -43,7 +43,46 @@ PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 
 
-class Encoder(nn.Module):
+@dataclass(frozen=True)
+class StageSpec:
+    """The feature maps a backbone's ``features`` returns: channels and strides."""
+
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+class SharedEncoder(nn.Module):
+    """What every backbone of the shared encoder offers.
+
+    ``forward(images)`` gives ``(B, embedding_dim)`` embeddings; ``features(images)``
+    the feature maps of :attr:`skip_spec`, highest resolution first (what a
+    segmentation decoder reads).
+    """
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding vector."""
+        raise NotImplementedError
+
+    @property
+    def skip_spec(self) -> StageSpec:
+        """Channels and strides of the maps :meth:`features` returns."""
+        raise NotImplementedError
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The feature maps of :attr:`skip_spec`."""
+        raise NotImplementedError
+
+    def unused_by(self, output: str) -> list[str]:
+        """Parameters that ``forward`` (``embedding``) or ``features`` never reaches.
+
+        DP-SGD needs a per-sample gradient for every parameter it trains, so a site
+        freezes these for its round (they return unchanged).
+        """
+        return []
+
+
+class Encoder(SharedEncoder):
     """Convolutional encoder; ``forward`` returns ``(B, embedding_dim)`` embeddings."""
 
     def __init__(self, spec: EncoderSpec) -> None:
@@ -75,6 +114,11 @@ class Encoder(nn.Module):
     def embedding_dim(self) -> int:
         """Length of the embedding vector."""
         return self.spec.embedding_dim
+
+    @property
+    def skip_spec(self) -> StageSpec:
+        """Every stage's output: full resolution, then halved by each max-pool."""
+        return StageSpec(self.spec.widths, tuple(2 ** i for i in range(len(self.spec.widths))))
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Output of every stage, highest resolution first."""

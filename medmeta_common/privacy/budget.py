@@ -76,11 +76,12 @@ def guarded_round(budget: RoundBudget, train: Callable[[DPSettings], int],
     delta = privacy.delta or default_delta(budget.units)
     with ledger_lock(budget.state_dir):
         ledger = PrivacyLedger.open(budget.state_dir, site=budget.site, delta=delta,
-                                    epsilon_budget=privacy.epsilon, unit=privacy.unit)
+                                    epsilon_budget=privacy.epsilon, unit=privacy.unit,
+                                    accountant=privacy.accountant)
         sigma = privacy.noise_multiplier or ledger.calibrated_noise
         if sigma is None:
             sigma = calibrate_noise(epsilon=privacy.epsilon, delta=delta, sample_rate=rate,
-                                    steps=budget.planned_steps)
+                                    steps=budget.planned_steps, accountant=privacy.accountant)
             ledger.calibrated_noise = sigma
             ledger.save()
         metrics.update({"dp": 1, "delta": delta, "noise-multiplier": sigma, "sample-rate": rate,

@@ -117,6 +117,7 @@ class AuditedMechanism:
     steps: int
     max_grad_norm: float
     train_and_score: TrainAndScore
+    accountant: str = "prv"
 
 
 def run_audit(site: SiteData, mechanism: AuditedMechanism, *, claimed_epsilon: float | None,
@@ -138,13 +139,13 @@ def run_audit(site: SiteData, mechanism: AuditedMechanism, *, claimed_epsilon: f
     sigma = used = 0.0
     if claimed_epsilon is not None:
         sigma = calibrate_noise(epsilon=claimed_epsilon, delta=delta, sample_rate=rate,
-                                steps=steps)
+                                steps=steps, accountant=mechanism.accountant)
         used = sigma if noise_multiplier_used is None else noise_multiplier_used
         dp = DPSettings(used, rate, mechanism.max_grad_norm)
     scores = mechanism.train_and_score(data, dp, probes, seed)
     result = guess_and_score(scores, included, guesses_per_side)
     if claimed_epsilon is not None:
-        spent = epsilon_of([(sigma, rate, steps)], delta)
+        spent = epsilon_of([(sigma, rate, steps)], delta, mechanism.accountant)
         log.info("audited run: sigma %.3f, rate %.4f, %d steps, epsilon %.3f", sigma, rate,
                  steps, spent)
     return AuditReport(result, claimed_epsilon, delta, sigma, steps, rate, used)

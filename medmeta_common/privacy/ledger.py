@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -22,7 +23,9 @@ from typing import Any
 
 from medmeta_common.checkpoint import atomic_write_json
 from medmeta_common.errors import PrivacyBudgetError
-from medmeta_common.privacy.accounting import ACCOUNTANT, CONVERSION, HistoryEntry, epsilon_of
+from medmeta_common.privacy.accounting import CONVERSIONS, HistoryEntry, epsilon_of
+
+log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.json"
 LOCK_FILE = "privacy_ledger.lock"
@@ -71,10 +74,12 @@ class PrivacyLedger:
     history: list[HistoryEntry] = field(default_factory=list)
     rounds: list[RoundEntry] = field(default_factory=list)
     calibrated_noise: float | None = None
+    accountant: str = "rdp"
 
     @classmethod
     def open(
-        cls, state_dir: Path, *, site: str, delta: float, epsilon_budget: float, unit: str = "image"
+        cls, state_dir: Path, *, site: str, delta: float, epsilon_budget: float,
+        unit: str = "image", accountant: str = "rdp",
     ) -> PrivacyLedger:
         """Load the ledger of ``state_dir``, or start an empty one.
 
@@ -87,7 +92,8 @@ class PrivacyLedger:
         """
         path = Path(state_dir) / LEDGER_FILE
         if not path.exists():
-            return cls(path=path, site=site, delta=delta, epsilon_budget=epsilon_budget, unit=unit)
+            return cls(path=path, site=site, delta=delta, epsilon_budget=epsilon_budget, unit=unit,
+                       accountant=accountant)
         ledger = cls._load(path)
         if ledger.site != site:
             raise PrivacyBudgetError(f"{path}: this ledger belongs to site {ledger.site!r}, not "
@@ -99,6 +105,12 @@ class PrivacyLedger:
                 "be carried across these; keep the old settings or start a new state directory "
                 "(the old budget stays spent).")
         ledger.epsilon_budget = epsilon_budget
+        if ledger.accountant != accountant:
+            # The history (σ, q, steps) is all either accountant needs, and both give valid
+            # upper bounds: the whole history is accounted again with the one configured.
+            log.warning("%s: kept with the %s accountant; from now on the whole history is "
+                        "accounted with %s", path, ledger.accountant, accountant)
+            ledger.accountant = accountant
         return ledger
 
     @classmethod
@@ -116,6 +128,8 @@ class PrivacyLedger:
                 history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
                 rounds=[RoundEntry(**r) for r in raw["rounds"]],
                 calibrated_noise=raw.get("calibrated_noise"),
+                # Ledgers of medmeta 0.1 name "rdp", the only accountant it had.
+                accountant=str(raw.get("accountant", "rdp")),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PrivacyBudgetError(
@@ -126,7 +140,7 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """ε spent so far."""
-        return epsilon_of(self.history, self.delta)
+        return epsilon_of(self.history, self.delta, self.accountant)
 
     @property
     def steps(self) -> int:
@@ -135,7 +149,8 @@ class PrivacyLedger:
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε if ``steps`` more steps were taken with these settings."""
-        return epsilon_of([*self.history, (noise_multiplier, sample_rate, steps)], self.delta)
+        return epsilon_of([*self.history, (noise_multiplier, sample_rate, steps)], self.delta,
+                          self.accountant)
 
     def record(self, round_number: int, noise_multiplier: float, sample_rate: float,
                steps: int, max_grad_norm: float | None = None) -> float:
@@ -161,8 +176,8 @@ class PrivacyLedger:
             "format": FORMAT_VERSION,
             "site": self.site,
             "unit": self.unit,
-            "accountant": ACCOUNTANT,
-            "conversion": CONVERSION,
+            "accountant": self.accountant,
+            "conversion": CONVERSIONS[self.accountant],
             "delta": self.delta,
             "epsilon_budget": self.epsilon_budget,
             "epsilon_spent": self.epsilon,

@@ -12,7 +12,7 @@ import html
 from datetime import UTC, datetime
 
 from medmeta_common.figures import finished_png
-from medmeta_common.privacy.accounting import CONVERSION
+from medmeta_common.privacy.accounting import CONVERSIONS
 from medmeta_common.privacy.ledger import PrivacyLedger
 from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS
 
@@ -76,8 +76,8 @@ def summary(ledger: PrivacyLedger) -> list[tuple[str, str]]:
         ("Mechanism", "DP-SGD (Opacus): per-record gradients clipped to the clip norm, "
                       "Gaussian noise of standard deviation noise multiplier x clip norm, "
                       "Poisson sampling of records at the sampling rate"),
-        ("Accountant", f"Renyi DP of the sampled Gaussian mechanism, composed over all "
-                       f"{ledger.steps} steps; conversion: {CONVERSION}"),
+        ("Accountant", f"the sampled Gaussian mechanism composed over all {ledger.steps} "
+                       f"steps: {CONVERSIONS[ledger.accountant]}"),
         ("Rounds trained", str(len(ledger.rounds))),
     ]
 
