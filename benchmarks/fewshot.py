@@ -228,6 +228,10 @@ def main() -> None:
         shots, epsilons, episodes, ft_episodes, grid = [5], [8.0], 10, 3, [(4, grid[0][1])]
         args.ft_steps = 2
     methods = args.methods.split(",")
+    known = {"prior", "prior+ft", "fedavg", "fedavg+ft", "central", "central-dp", "medmeta",
+             "medmeta+ft", "old"}
+    if set(methods) - known:
+        parser.error(f"unknown --methods {sorted(set(methods) - known)}; known: {sorted(known)}")
     started = time.monotonic()
     print(f"# few-shot benchmark: split={args.split}, {base.model.backbone} "
           f"({base.model.weights}, trainable {base.train.trainable}, pool "

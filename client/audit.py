@@ -22,7 +22,7 @@ from client.tasks import get_task
 from client.tasks.classification import poisson_rate_for
 from medmeta_common.config import ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.data.records import SiteData
-from medmeta_common.models.factory import build_encoder
+from medmeta_common.models.factory import build_encoder, freeze_all_but
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 from medmeta_common.privacy.canary_audit import AuditedMechanism
 from medmeta_common.privacy.dp_sgd import DPSettings
@@ -32,13 +32,18 @@ AUDIT_LR = 0.1
 
 def classification_mechanism(image: ImageConfig, model: ModelConfig, train: TrainConfig, *,
                              steps: int, max_grad_norm: float) -> AuditedMechanism:
-    """The method's training of a fresh encoder and head, for ``steps`` steps."""
+    """The method's training of the encoder's trainable set and a head, for ``steps`` steps.
+
+    The encoder starts where a federation does (its prior, or a random init with
+    ``model.weights: none``) and trains only ``train.trainable``, as a site round does.
+    """
     train = replace(train, local_steps=steps, lr=max(train.lr, AUDIT_LR), augment=False)
     device = torch.device("cpu")
 
     def train_and_score(data: SiteData, dp: DPSettings | None, canaries: SiteData,
                         seed: int) -> np.ndarray:
         encoder = build_encoder(model, image, seed)
+        freeze_all_but(encoder, train.trainable)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             head = CosineClassifier(encoder.embedding_dim, len(data.classes), model.cosine_scale)

@@ -32,7 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from client.settings import read_settings
 from medmeta_common.models.factory import layout_for
 from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES
-from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
+from medmeta_common.wire import arrays_to_numpy, from_legacy_config, numpy_to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
 def _legacy_bridge(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Legacy FitIns -> our train message -> our reply -> legacy FitRes holding the update."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    settings = read_settings(fitins.config)
+    entries = from_legacy_config(fitins.config)
+    settings = read_settings(entries)
     layout = layout_for(settings.model, settings.image, settings.train.trainable)
     arrays = parameters_to_ndarrays(fitins.parameters)
     if [a.shape for a in arrays] != [shape for shape, _ in layout.values()]:
@@ -63,7 +64,7 @@ def _legacy_bridge(msg: Message, ctxt: Context, call_next: ClientAppCallable) ->
     protocol_state: Mapping[str, Any] = ctxt.state.config_records.get(RECORD_KEY_STATE) or {}
     clipping_range = float(protocol_state.get("clipping_range", np.inf))
     msg.content = RecordDict({ARRAYS_KEY: numpy_to_arrays(global_state),
-                              CONFIG_KEY: ConfigRecord(dict(fitins.config))})
+                              CONFIG_KEY: ConfigRecord(entries)})
     reply = call_next(msg, ctxt)
     if reply.has_error():
         raise RuntimeError(f"local training failed: {reply.error.reason}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -40,6 +41,23 @@ def numpy_to_arrays(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 def metric_record(metrics: Mapping[str, float | int]) -> MetricRecord:
     """A MetricRecord of scalar metrics."""
     return MetricRecord(cast(dict[str, Any], dict(metrics)))
+
+
+# Flower's legacy messages (the SecAgg+ workflow's FitIns) carry scalars only.
+_LEGACY_LIST = "list:"
+
+
+def to_legacy_config(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat entries as legacy scalars: a list becomes a marked JSON string."""
+    return {k: _LEGACY_LIST + json.dumps(v) if isinstance(v, list) else v
+            for k, v in entries.items()}
+
+
+def from_legacy_config(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat entries :func:`to_legacy_config` encoded."""
+    return {k: json.loads(v[len(_LEGACY_LIST):])
+            if isinstance(v, str) and v.startswith(_LEGACY_LIST) else v
+            for k, v in entries.items()}
 
 
 def to_config_record(entries: Mapping[str, Any]) -> ConfigRecord:

@@ -47,7 +47,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medmeta_common.config import SecureAggregationConfig
 from medmeta_common.protocol import check_update
-from medmeta_common.wire import numpy_to_arrays
+from medmeta_common.wire import numpy_to_arrays, to_legacy_config
 from server.strategy import MetaStrategy
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class SecureRoundStrategy(Strategy):
         self.meta.sites_asked(self.sampled)
         config: dict[str, Any] = {**dict(self.settings), "server-round": self.round_number}
         return [(GridClientProxy(node, self.grid, run_id=0),
-                 FitIns(parameters, {**config, **self.meta.sites.told(node)}))
+                 FitIns(parameters, to_legacy_config({**config, **self.meta.sites.told(node)})))
                 for node in self.sampled]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],

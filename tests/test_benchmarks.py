@@ -20,12 +20,12 @@ def test_fewshot_quick_mode_measures_every_method_and_resumes(tmp_path: Path) ->
     shared_file("brain_tumor_mri/brain_tumor_mri_64.npz")
     out = tmp_path / "quick.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "fewshot.py"), "--quick",
-               "--methods", "untrained,fedavg,medmeta", "--out", str(out)]
+               "--methods", "prior,fedavg,medmeta", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"untrained", "fedavg eps=8", "medmeta eps=8"}
+    assert set(results) == {"prior", "fedavg eps=8", "medmeta eps=8"}
     for figures in results.values():
         for scenario in ("brain-shift", "blood-new", "breast"):
             accuracy = figures[scenario]["5"]

@@ -73,7 +73,8 @@ def frugal_budget_for_one_round(tmp: Path) -> float:
     rate = poisson_rate_for(config.train, len(train), len(train.classes))
     delta = default_delta(len(train))
     steps = config.train.local_steps
-    one, two = (epsilon_of([(1.0, rate, k * steps)], delta) for k in (1, 2))
+    accountant = config.privacy_of(config.sites[3]).accountant
+    one, two = (epsilon_of([(1.0, rate, k * steps)], delta, accountant) for k in (1, 2))
     return (one + two) / 2
 
 
