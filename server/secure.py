@@ -103,6 +103,7 @@ class SecureRoundStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: Any) -> list[tuple[ClientProxy, FitIns]]:
         """Sample sites (waiting for ``min_sites``) and give each the round's settings."""
+        sample_nodes(self.grid, self.meta.min_available_nodes, 0)  # wait, then size the sample
         connected = len(list(self.grid.get_node_ids()))
         size = max(self.meta.min_sites, math.ceil(self.fraction * connected))
         self.sampled, _ = sample_nodes(self.grid, self.meta.min_available_nodes, size)

@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medmeta_common.privacy.central_dp import central_epsilon
 from medmeta_common.protocol import (
@@ -187,7 +188,9 @@ class MetaStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Remember the global encoder and ask a sample of sites to train."""
         self.begin_round(arrays_to_numpy(arrays))
-        # Sampling waits until enough sites are connected; ask the names after it.
+        # Wait for the sites first: Flower sizes its sample from the sites connected
+        # *before* it waits, so a site connecting during the wait would be left out.
+        sample_nodes(grid, self.min_available_nodes, 0)
         messages = list(super().configure_train(self.next_round, arrays, config, grid))
         self.learn_site_names(grid)
         self.sites_asked([m.metadata.dst_node_id for m in messages])
