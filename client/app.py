@@ -10,7 +10,16 @@ What a site sends back, and nothing else:
   sampling rate; the training loss only when DP is off). A site whose budget would be
   exceeded sends no arrays and ``refused = 1``.
 - ``evaluate``: few-shot accuracy on the site's validation split and its size.
-- ``query``: the site's name, so the operator's logs and reports can name sites.
+- ``query``: the site's name, so the operator's logs and reports can name sites
+  (a query that announces the end of the run is logged, and answered the same way).
+
+Each message's handler logs one timestamped line at the site (the round, what the
+server did with the site's previous update, ε spent of the budget), which reaches the
+site's terminal through its SuperNode (:mod:`client.site_log`).
+
+The ClientApp finds its site from the SuperNode's node config (``site-config``, a
+deployed hospital) or, in Flower's simulation runtime, from the node's
+``partition-id`` and the run config's federation (:mod:`client.simulated`).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from client.prior import round_encoder
 from client.round import evaluate_round, train_round
 from client.secure import secure_aggregation_mod
 from client.settings import RoundSettings, SiteRuntime, read_settings
+from client.site_log import log_end_of_run, log_previous_verdict, log_trained
+from medmeta_common.app_logging import log_in_flower_process
 from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.models.factory import load_trainable, trainable_arrays, trainable_layout
 from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_update
@@ -52,7 +63,9 @@ def _global_encoder(msg: Message, settings: RoundSettings, site: SiteRuntime) ->
 def handle_train(msg: Message, site: SiteRuntime) -> Message:
     """One round of local training; see the module docstring for what is returned."""
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
+    log_previous_verdict(site, settings)
     outcome = train_round(site, settings, _global_encoder(msg, settings, site))
+    log_trained(site, settings, outcome.metrics)
     records = RecordDict({METRICS_KEY: metric_record(outcome.metrics)})
     if outcome.encoder is not None:
         trained = trainable_arrays(outcome.encoder, settings.train.trainable)
@@ -68,12 +81,16 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
 def handle_evaluate(msg: Message, site: SiteRuntime) -> Message:
     """Few-shot accuracy of the global encoder on this site's validation split."""
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
+    log_previous_verdict(site, settings)
     metrics = evaluate_round(site, settings, _global_encoder(msg, settings, site))
     return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
 
 def handle_query(msg: Message, site: SiteRuntime) -> Message:
     """The site's name (operator-assigned metadata, not data)."""
+    event = msg.content.config_records.get("event")
+    if event is not None:
+        log_end_of_run(site, event)
     return Message(RecordDict({"site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
@@ -101,8 +118,13 @@ def make_client_app(resolve: SiteResolver) -> ClientApp:
 
 
 def site_from_node_config(context: Context) -> SiteRuntime:
-    """The site described by the ``site.yaml`` named in the SuperNode's node config."""
+    """The site of this node: its ``site.yaml``, or (simulation) its federation's site."""
+    log_in_flower_process()
     path = str(context.node_config.get("site-config", ""))
+    if not path and "partition-id" in context.node_config:
+        from client.simulated import site_from_run_config
+
+        return site_from_run_config(context)
     if not path:
         raise ValueError("the SuperNode has no 'site-config' in its node config; start it with "
                          "`medmeta site start --config site.yaml`")

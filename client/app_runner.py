@@ -45,6 +45,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.app_policy import Verdict, judge_bundle
+from medmeta_common.app_logging import quiet_third_party_warnings
 from medmeta_common.config.app import AppPolicyConfig
 from medmeta_common.release.bundle import bundle_metadata
 from medmeta_common.release.statement import RUN_CONFIG_KEY
@@ -213,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-config", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="medmeta %(levelname)s: %(message)s")
+    # A time on every line: the site's terminal shows one line per round (client.site_log).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s medmeta %(levelname)s: "
+                        "%(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    quiet_third_party_warnings()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)

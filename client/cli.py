@@ -41,7 +41,8 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     site_start.add_argument("--config", type=Path, required=True, help="site.yaml")
     site_start.set_defaults(handler=run_site_start)
     site_check = hospital_commands.add_parser(
-        "check", help="check data, keys and the connection to the server; start nothing")
+        "check", help="check data, keys and the connection to the server (an authenticated "
+        "handshake: an unregistered key fails here); start nothing")
     site_check.add_argument("--config", type=Path, required=True, help="site.yaml")
     site_check.set_defaults(handler=run_site_check)
 
@@ -66,6 +67,11 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     inspect.add_argument("--classes", default=None,
                          help="comma-separated class list; labels outside it are errors "
                          "(default: the classes the source names)")
+    inspect.add_argument("--shots", type=int, default=5,
+                         help="K of the episodes the data must serve (default 5): a class with "
+                         "fewer than K+Q images is named with its files")
+    inspect.add_argument("--queries", type=int, default=10,
+                         help="Q, query images per class of an episode (default 10)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(handler=run_inspect)
 
@@ -138,6 +144,8 @@ def run_certs_site(args: argparse.Namespace) -> int:
 def run_site_check(args: argparse.Namespace) -> int:
     """Check the site's set-up and connection."""
     from client.app_policy import describe_policy
+    from client.handshake import check_key_pair, handshake
+    from client.site import check_episode_classes
     from client.supernode import preflight
     from medmeta_common.config.deploy import load_site_config
 
@@ -145,8 +153,12 @@ def run_site_check(args: argparse.Namespace) -> int:
     if config.insecure:
         warn_insecure(f"site {config.name}")
     preflight(config)
+    check_key_pair(config)
+    node = handshake(config, args.config)
+    check_episode_classes(config.data, config.task, config.name)
+    who = "" if node is None else f"; the SuperLink knows this site's key (node {node})"
     print(f"site {config.name}: data, state directory, keys and the connection to "
-          f"{config.superlink} look right")
+          f"{config.superlink} look right{who}")
     print(f"site {config.name}: {describe_policy(config.app)}")
     return 0
 
@@ -154,6 +166,7 @@ def run_site_check(args: argparse.Namespace) -> int:
 def run_site_start(args: argparse.Namespace) -> int:
     """Check, then run the SuperNode in the foreground."""
     from client.app_policy import announce_policy
+    from client.handshake import check_key_pair
     from client.supernode import preflight, run_supernode
     from medmeta_common.config.deploy import load_site_config
 
@@ -165,6 +178,7 @@ def run_site_start(args: argparse.Namespace) -> int:
         log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
                     config.name)
     preflight(config)
+    check_key_pair(config)
     log.info("site %s: starting the SuperNode (connects to %s)", config.name, config.superlink)
     return run_supernode(config, args.config)
 
@@ -172,7 +186,11 @@ def run_site_start(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     """Inspect a site's data and print the report."""
     from medmeta_common.config import DataConfig
-    from medmeta_common.data.inspect import format_report, inspection_report
+    from medmeta_common.data.inspect import (
+        check_sparse_classes,
+        format_report,
+        inspection_report,
+    )
     from medmeta_common.data.sources import read_raw
 
     path = args.path if args.path.startswith("builtin:") else str(Path(args.path).expanduser())
@@ -180,7 +198,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     data = DataConfig(path=path, split=args.split, policy=args.policy, frames=args.frames,
                       manifest=args.manifest, classes=classes)
     site = read_raw(data)
-    report = inspection_report(site, args.split)
+    needed = max(1, args.shots) + max(1, args.queries)
+    if args.policy == "strict":  # lenient: the report names them as a warning
+        check_sparse_classes(site, "strict", args.path, needed)
+    report = inspection_report(site, args.split, needed)
     if args.json:
         print(json.dumps(report))
     else:

@@ -27,6 +27,7 @@ from medmeta_common.device import autocast
 from medmeta_common.episodes import Episode, sample_episode
 from medmeta_common.models.factory import freeze_all_but
 from medmeta_common.models.heads import CosineClassifier, prototypes
+from medmeta_common.progress import track
 
 FinetuneMode = Literal["head", "film", "all"]
 
@@ -122,14 +123,14 @@ def evaluate_fewshot(
     lr = fewshot.finetune_lr or FINETUNE_LR[finetune]
     if fewshot.finetune_steps == 0 or finetune == "head":
         embeddings = embed(encoder, images, device, amp=amp)
-        for episode in episodes:
+        for episode in track(episodes, "few-shot episodes"):
             if fewshot.finetune_steps == 0:
                 accuracies.append(prototype_accuracy(embeddings, episode))
             else:
                 accuracies.append(_finetune_head_accuracy(embeddings, episode,
                                                           fewshot.finetune_steps, scale, lr))
     else:
-        for episode in episodes:
+        for episode in track(episodes, "few-shot episodes (fine-tuning)"):
             accuracies.append(_finetune_encoder_accuracy(
                 encoder, images, episode, fewshot.finetune_steps, scale, device, amp,
                 lr=lr, part=finetune))

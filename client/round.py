@@ -81,7 +81,8 @@ def train_round(site: SiteRuntime, settings: RoundSettings, encoder: SharedEncod
         budget = RoundBudget(
             site=site.name, state_dir=site.state_dir, privacy=site.privacy,
             server_round=settings.server_round, steps=settings.train.local_steps,
-            planned_steps=settings.planned_rounds * settings.train.local_steps,
+            planned_steps=(settings.planned_rounds + settings.spare_rounds)
+            * settings.train.local_steps,
             units=len(data) if units is None else len(np.unique(units)),
             sample_rate=plan.rate)
         if not guarded_round(budget, lambda dp: train(dp).steps, metrics):

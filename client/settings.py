@@ -63,6 +63,9 @@ class RoundSettings:
     server_round: int
     seed: int
     update_encoding: str = "float32"
+    spare_rounds: int = 0
+    previous_round: int = 0
+    previous_verdict: str = ""
     prior_sha256: str = "none"
 
 
@@ -77,6 +80,9 @@ def read_settings(config: Mapping[str, Any]) -> RoundSettings:
         server_round=int(config.get("server-round", 0)),
         seed=int(config.get("seed", 0)),
         update_encoding=_update_encoding(config),
+        spare_rounds=max(0, int(config.get("spare-rounds", 0))),
+        previous_round=int(config.get("previous-round", 0)),
+        previous_verdict=str(config.get("previous-verdict", ""))[:200],
         prior_sha256=str(config.get("prior-sha256", "none")),
     )
 

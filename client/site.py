@@ -14,7 +14,7 @@ from typing import Any
 from client.settings import SiteRuntime
 from client.tasks import get_task
 from client.tasks.base import Task, TaskData
-from medmeta_common.config import ImageConfig
+from medmeta_common.config import DataConfig, ImageConfig
 from medmeta_common.data.cache import cache_key, load_cached, store
 from medmeta_common.data.splits import train_val_split
 
@@ -44,6 +44,16 @@ def site_splits(site: SiteRuntime, image: ImageConfig, seed: int) -> SiteSplits:
                  len(splits.val), task.rows)
         _SPLITS[key] = splits
     return _SPLITS[key]
+
+
+def check_episode_classes(data: DataConfig, task: str, name: str) -> None:
+    """Name the classes too small for a few-shot episode: warning, or error when strict."""
+    if task != "classification":
+        return
+    from medmeta_common.data.inspect import check_sparse_classes
+    from medmeta_common.data.sources import read_raw
+
+    check_sparse_classes(read_raw(data), data.policy, f"site {name} ({data.path})")
 
 
 def load_site_data(site: SiteRuntime, image: ImageConfig, task: Task) -> TaskData:

@@ -150,7 +150,9 @@ def run_supernode(config: SiteDeployConfig, config_path: Path) -> int:
         reader.join(timeout=5)
     if refused.is_set():
         raise FederationError(
-            f"the SuperLink refused site {config.name}: its key is not registered. Send "
+            f"the SuperLink refused site {config.name}: its key is not registered (or a "
+            "SuperNode with this key is already connected elsewhere). Send "
             f"{config.public_key} to the operator, who adds it under `sites:` in server.yaml "
-            "(or registers it with `flwr supernode register`)")
+            "(or registers it with `flwr supernode register`); `medmeta site check` tells "
+            "which problem it is")
     return code

@@ -32,6 +32,7 @@ from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.models.factory import build_encoder, freeze_all_but
 from medmeta_common.models.heads import CosineClassifier, EncoderWithHead
 from medmeta_common.privacy.dp_sgd import DPSettings
+from medmeta_common.progress import track
 from server.state import RunState
 
 
@@ -231,19 +232,18 @@ def evaluate(encoder: torch.nn.Module, config: FederationConfig, scenarios: dict
              finetune: str = "head", finetune_lr: float | None = None,
              max_episodes: int | None = None) -> dict[str, dict]:
     """Accuracy per scenario and K (same seeded episodes for every encoder)."""
-    results: dict[str, dict] = {}
-    for name, site in scenarios.items():
-        results[name] = {}
-        for k in shots:
-            fewshot = FewShotConfig(ways=WAYS[name], shots=k, queries=15,
-                                    episodes=min(episodes, max_episodes or episodes),
-                                    finetune_steps=finetune_steps, finetune_lr=finetune_lr)
-            r = evaluate_fewshot(encoder, site.images, site.labels, len(site.classes), fewshot,
-                                 seed=1234, device=torch.device("cpu"),
-                                 finetune=finetune,  # type: ignore[arg-type]
-                                 scale=config.model.cosine_scale)
-            results[name][str(k)] = {"mean": r.accuracy_mean, "ci95": r.accuracy_ci95,
-                                     "episodes": r.episodes, "accuracies": list(r.accuracies)}
+    results: dict[str, dict] = {name: {} for name in scenarios}
+    runs = [(name, site, k) for name, site in scenarios.items() for k in shots]
+    for name, site, k in track(runs, "benchmark evaluations"):
+        fewshot = FewShotConfig(ways=WAYS[name], shots=k, queries=15,
+                                episodes=min(episodes, max_episodes or episodes),
+                                finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+        r = evaluate_fewshot(encoder, site.images, site.labels, len(site.classes), fewshot,
+                             seed=1234, device=torch.device("cpu"),
+                             finetune=finetune,  # type: ignore[arg-type]
+                             scale=config.model.cosine_scale)
+        results[name][str(k)] = {"mean": r.accuracy_mean, "ci95": r.accuracy_ci95,
+                                 "episodes": r.episodes, "accuracies": list(r.accuracies)}
     return results
 
 

@@ -64,6 +64,10 @@ def run_simulate(args: argparse.Namespace) -> int:
                                            args.rounds)
     if args.config is None:
         log.info("no --config: running the built-in demo federation (SYNTHETIC images)")
+    if args.verbose == 0:
+        # Each site's own round lines (what a hospital sees) repeat the server's summary
+        # here; -v shows them.
+        logging.getLogger("medmeta.site").setLevel(logging.WARNING)
     run_simulation(config, args.out, resume=args.resume)
 
     held_out = baseline = None

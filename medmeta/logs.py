@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
+
+from medmeta_common.app_logging import CurrentStderrHandler, quiet_third_party_warnings
 
 # Third-party loggers that are noisy at INFO and say nothing a user can act on.
 QUIET_LOGGERS = ("monai", "ray", "opacus", "matplotlib", "PIL", "pydicom", "nibabel")
@@ -22,7 +23,9 @@ class _MinimumLevel(logging.Filter):
 def configure_logging(verbosity: int) -> None:
     """Log to stderr: warnings and up at -q, info by default, debug with -v."""
     level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
-    logging.basicConfig(level=level, format="medmeta %(levelname)s: %(message)s", force=True)
+    # The current sys.stderr: a progress bar redirects it to print log lines above itself.
+    logging.basicConfig(level=level, format="medmeta %(levelname)s: %(message)s", force=True,
+                        handlers=[CurrentStderrHandler()])
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     # Flower logs every round in detail through its own handler and resets its logger's
@@ -33,10 +36,8 @@ def configure_logging(verbosity: int) -> None:
         flower.removeFilter(old)
     flower.addFilter(_MinimumLevel(logging.DEBUG if verbosity > 1 else logging.INFO
                                    if verbosity > 0 else logging.WARNING))
-    if verbosity <= 0:
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    # Third-party warnings nobody can act on, by name; anything else still shows.
+    quiet_third_party_warnings()
     # No network: Flower's telemetry and update checks only slow a site down.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

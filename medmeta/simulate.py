@@ -12,48 +12,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from flwr.app import Context
-
 from client.app import make_client_app
-from client.settings import SiteRuntime
+from client.simulated import SimulatedSites
 from medmeta.inprocess import InProcessGrid, Mod
-from medmeta_common.checkpoint import atomic_write_json
 from medmeta_common.config import FederationConfig
-from medmeta_common.config.fingerprint import SCHEMA_VERSION
 from medmeta_common.errors import CheckpointError, FederationError
-from medmeta_common.models.prior import PRIORS_DIR
 from server.app import run_federation
+from server.flwr_simulation import announce_site_privacy
 from server.state import RunState
 
 log = logging.getLogger("medmeta.simulate")
-
-
-@dataclass(frozen=True)
-class SimulatedSites:
-    """Maps a simulated node (Flower's ``partition-id``) to a configured site."""
-
-    config: FederationConfig
-    out_dir: Path
-
-    def __call__(self, context: Context) -> SiteRuntime:
-        """The site this node plays."""
-        site = self.config.sites[int(context.node_config["partition-id"])]
-        return SiteRuntime(
-            name=site.name,
-            data=site.data,
-            state_dir=self.out_dir / "sites" / site.name,
-            privacy=self.config.privacy_of(site),
-            val_fraction=site.val_fraction,
-            device=self.config.runtime.device,
-            amp=self.config.runtime.amp,
-            threads=max(1, int(self.config.runtime.cpus_per_site)),
-            task=site.task,
-            tile=site.tile,
-            prior_folders=(self.out_dir / PRIORS_DIR,),
-        )
 
 
 def prepare_run_dir(config: FederationConfig, out_dir: Path, *, resume: bool) -> None:
@@ -64,21 +35,7 @@ def prepare_run_dir(config: FederationConfig, out_dir: Path, *, resume: bool) ->
                               "continue it or another --out for a new run")
     if resume:
         state.check_resumable(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", {"config_hash": config.hash(),
-                                                "config_schema": SCHEMA_VERSION, **asdict(config)})
-
-
-def warn_about_privacy(config: FederationConfig) -> None:
-    """Say loudly, at every start, which sites train without DP."""
-    for site in config.sites:
-        privacy = config.privacy_of(site)
-        if not privacy.enabled:
-            log.warning("site %s trains WITHOUT differential privacy (privacy.enabled: false)",
-                        site.name)
-        else:
-            log.info("site %s: DP-SGD, budget epsilon=%.2f, clip %.2f, privacy unit: %s",
-                     site.name, privacy.epsilon, privacy.max_grad_norm, privacy.unit)
+    state.record_config(config)
 
 
 def run_simulation(config: FederationConfig, out_dir: Path, *, resume: bool = False,
@@ -89,7 +46,7 @@ def run_simulation(config: FederationConfig, out_dir: Path, *, resume: bool = Fa
     :mod:`medmeta.attacks`.
     """
     prepare_run_dir(config, out_dir, resume=resume)
-    warn_about_privacy(config)
+    announce_site_privacy(config)
     names = [s.name for s in config.sites]
     unknown = sorted(set(mods or {}) - set(names))
     if unknown:

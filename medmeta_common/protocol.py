@@ -28,7 +28,7 @@ NUM_EXAMPLES = "num-examples"
 # The scalar metrics a site may send back, and nothing else.
 TRAIN_METRICS = frozenset({
     NUM_EXAMPLES, "epsilon", "delta", "steps", "round-steps", "noise-multiplier",
-    "sample-rate", "refused", "train-loss", "dp", "compute-seconds",
+    "sample-rate", "refused", "train-loss", "dp", "compute-seconds", "epsilon-budget",
 })
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "accuracy-ci95", "episodes", "ways",
                               "dice", "dice-ci95"})

@@ -2,30 +2,40 @@
 
 It starts from a fresh encoder (or the newest checkpoint when resuming), runs the
 remaining rounds with :class:`server.strategy.MetaStrategy` on Flower's own round
-loop, and after every round writes an atomic checkpoint and a metrics line.
+loop, and after every completed round writes an atomic checkpoint and a metrics line
+(:mod:`server.recorder`). A round with too few accepted updates is retried, and
+stops the run after ``server.max_failed_rounds`` attempts (:mod:`server.round_outcome`).
+
+The same ServerApp runs under ``medmeta server start`` (deployment: the run config
+names the operator's ``server.yaml``) and under ``flwr run .`` in Flower's simulation
+runtime (the run config names a federation YAML; :mod:`server.flwr_simulation`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from medmeta_common.checkpoint import atomic_write, checkpoint_payload
+from medmeta_common.app_logging import log_in_flower_process
+from medmeta_common.checkpoint import atomic_write
 from medmeta_common.config import MethodConfig
-from medmeta_common.errors import FederationError
 from medmeta_common.models.factory import build_encoder, trainable_arrays, trainable_layout
 from medmeta_common.models.prior import PRIORS_DIR, prior_sha256
+from medmeta_common.progress import progress_bar
 from medmeta_common.protocol import flatten
 from medmeta_common.wire import numpy_to_arrays, to_config_record
 from server.meta_update import MetaOptimizer
 from server.plots import write_plots, write_rounds_csv
+from server.recorder import RunRecorder
+from server.round_outcome import RoundsFailedError
 from server.state import RunState
 from server.strategy import MetaStrategy
 
@@ -45,7 +55,8 @@ def settings_record(config: RunConfig, prior: str) -> ConfigRecord:
     for prefix in ("image", "model", "train", "evaluation"):
         entries.update(flatten(getattr(config, prefix), prefix))
     entries.update({"planned-rounds": config.rounds, "seed": config.seed,
-                    "update-encoding": config.server.update_encoding, "prior-sha256": prior})
+                    "update-encoding": config.server.update_encoding, "prior-sha256": prior,
+                    "spare-rounds": config.server.spare_rounds})
     return to_config_record(entries)
 
 
@@ -64,54 +75,14 @@ def publish_prior(config: RunConfig, out_dir: Path) -> str:
     return sha
 
 
-class RunRecorder:
-    """Writes the checkpoint and metrics of each round, and logs progress."""
+def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool,
+                   registered: Mapping[int, str] | None = None) -> int:
+    """Run (or resume) the federation on ``grid``; return the last round done.
 
-    def __init__(self, state: RunState, config: RunConfig, meta_optimizer: MetaOptimizer,
-                 prior: str) -> None:
-        self.state = state
-        self.config = config
-        self.meta_optimizer = meta_optimizer
-        self.prior = prior
-
-    def train_done(self, round_number: int, encoder: dict[str, np.ndarray],
-                   record: dict[str, Any]) -> None:
-        """Metrics line first, then the checkpoint (a crash in between re-runs the round)."""
-        self.state.append_metrics(record)
-        payload = checkpoint_payload(
-            round_number=round_number, encoder_state=encoder,
-            image=asdict(self.config.image), model=asdict(self.config.model),
-            config_hash=self.config.hash(), federation=self.config.name,
-            server_optimizer=self.meta_optimizer.state_dict(),
-            prior={"sha256": self.prior, "weights": self.config.model.weights,
-                   "trainable": self.config.train.trainable, "seed": str(self.config.seed)})
-        self.state.save_checkpoint(round_number, payload)
-        sites = record["sites"]
-        epsilons = [m["epsilon"] for m in sites.values() if isinstance(m.get("epsilon"), float)]
-        others = {s: m["status"] for s, m in sites.items() if m["status"] != "accepted"}
-        central = record.get("central_epsilon")
-        log.info("round %d/%d: %d/%d site update(s) accepted%s%s%s (%.1f s)", round_number,
-                 self.config.rounds, record["accepted"], len(sites),
-                 f", max epsilon {max(epsilons):.2f}" if epsilons else "",
-                 f", site-level (central) epsilon {central:.2f}" if central is not None else "",
-                 f", {others}" if others else "", record["seconds"])
-
-    def evaluate_done(self, round_number: int, record: dict[str, Any]) -> None:
-        """Append the evaluation line and log the mean accuracy."""
-        self.state.append_metrics(record)
-        if record["accuracy_mean"] is not None:
-            per_site = ", ".join(f"{s} {m['accuracy']:.3f}" for s, m in record["sites"].items()
-                                 if "accuracy" in m)
-            log.info("round %d/%d: few-shot validation accuracy %.3f (%s)", round_number,
-                     self.config.rounds, record["accuracy_mean"], per_site)
-        dice = {s: m["dice"] for s, m in record["sites"].items() if "dice" in m}
-        if dice:
-            log.info("round %d/%d: segmentation validation Dice %s", round_number,
-                     self.config.rounds, ", ".join(f"{s} {d:.3f}" for s, d in dice.items()))
-
-
-def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool) -> int:
-    """Run (or resume) the federation on ``grid``; return the last round done."""
+    ``registered`` names authenticated nodes (node id -> the name the operator
+    registered their key under). A round that fails ``server.max_failed_rounds`` times
+    in a row stops the run with :class:`~server.round_outcome.RoundsFailedError`.
+    """
     random.seed(config.seed)  # Flower samples sites with the `random` module
     state = RunState(out_dir)
     encoder = build_encoder(config.model, config.image, config.seed)
@@ -124,24 +95,55 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         initial = {k: v.numpy() for k, v in latest["encoder"].items()}
         offset, optimizer_state = int(latest["round"]), latest["server_optimizer"]
         state.drop_metrics_after(offset)
-        log.info("resuming after round %d from %s", offset, state.checkpoint_dir)
-    remaining = config.rounds - offset
-    if remaining <= 0:
-        log.info("all %d rounds are already done; nothing to train", config.rounds)
+        if offset < config.rounds:
+            log.info("resuming after round %d of %d from %s", offset, config.rounds,
+                     state.checkpoint_dir)
+    if config.rounds - offset <= 0:
+        log.warning("the run in %s is already FINISHED: all %d of %d rounds are done, "
+                    "nothing to train (give more rounds to extend it)", out_dir, offset,
+                    config.rounds)
         return offset
     meta_optimizer = MetaOptimizer(config.server, initial)
     meta_optimizer.load_state_dict(optimizer_state)
+    recorder = RunRecorder(state, config, meta_optimizer, prior)
     strategy = MetaStrategy(
         meta_optimizer=meta_optimizer,
         layout=trainable_layout(encoder, trainable),
         min_sites=config.min_sites,
         round_offset=offset,
-        recorder=RunRecorder(state, config, meta_optimizer, prior),
+        recorder=recorder,
         fraction_train=config.server.fraction_train,
         fraction_evaluate=config.server.fraction_evaluate,
         evaluate_every=config.server.evaluate_every,
         last_round=config.rounds,
+        max_failed_rounds=config.server.max_failed_rounds,
+        wait_for_sites=config.sites_to_wait_for,
     )
+    strategy.sites.register(registered or {})
+    try:
+        with progress_bar("rounds", config.rounds, completed=offset) as bar:
+            recorder.bar = bar
+            _run_rounds(grid, strategy, config, initial, prior)
+    except RoundsFailedError as exc:
+        log.error("the run FAILED: %s", exc)
+        recorder.progress("failed", round=strategy.next_round, reason=str(exc))
+        announce_end(grid, strategy, finished=False, reason=str(exc))
+        raise
+    finally:
+        recorder.tracker.close()
+        records = state.read_metrics()
+        write_rounds_csv(records, out_dir / "rounds.csv")
+        write_plots(records, out_dir)
+    recorder.progress("finished", round=config.rounds)
+    log.info("the run is finished: %d rounds; checkpoints in %s", config.rounds,
+             state.checkpoint_dir)
+    announce_end(grid, strategy, finished=True, reason="")
+    return config.rounds
+
+
+def _run_rounds(grid: Grid, strategy: MetaStrategy, config: RunConfig,
+                initial: dict[str, np.ndarray], prior: str) -> None:
+    """The remaining rounds, on the plain or the secure round driver."""
     settings = settings_record(config, prior)
     if config.server.secure_aggregation is not None:
         from server.secure import run_secure_rounds
@@ -149,37 +151,68 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         log.info("secure aggregation (SecAgg+) is on: the server sees only the sum of the "
                  "site updates")
         run_secure_rounds(grid, strategy, config.server.secure_aggregation, initial=initial,
-                          rounds=remaining, settings=settings,
+                          rounds=config.rounds - strategy.rounds_done, settings=settings,
                           fraction_train=config.server.fraction_train,
                           round_timeout=config.server.round_timeout)
-    else:
-        strategy.start(grid=grid, initial_arrays=numpy_to_arrays(initial),
-                       num_rounds=remaining, timeout=config.server.round_timeout,
-                       train_config=settings, evaluate_config=ConfigRecord(dict(settings)))
-    records = state.read_metrics()
-    write_rounds_csv(records, out_dir / "rounds.csv")
-    write_plots(records, out_dir)
-    return config.rounds
+        return
+    current = initial
+    # Flower's loop runs a fixed number of rounds; a failed round does not count, so the
+    # loop is started again for the rounds still to do.
+    while strategy.rounds_done < config.rounds:
+        strategy.start(grid=grid, initial_arrays=numpy_to_arrays(current),
+                       num_rounds=config.rounds - strategy.rounds_done,
+                       timeout=config.server.round_timeout, train_config=settings,
+                       evaluate_config=ConfigRecord(dict(settings)))
+        current = strategy.current
 
 
-# --- Production: the ServerApp that `medmeta server start` submits to the SuperLink ------
+def announce_end(grid: Grid, strategy: MetaStrategy, *, finished: bool, reason: str,
+                 timeout: float = 30.0) -> None:
+    """Tell every connected site that the run ended (and how), so its log says so."""
+    try:
+        nodes = list(grid.get_node_ids())
+        messages = [Message(RecordDict({"event": ConfigRecord({
+            "event": "run-finished" if finished else "run-failed",
+            "rounds-done": strategy.rounds_done, "reason": reason[:500],
+            **strategy.sites.feedback(node, again=True)})}), dst_node_id=node,
+            message_type=MessageType.QUERY) for node in nodes]
+        grid.send_and_receive(messages, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - a courtesy message; the run is over anyway
+        log.warning("could not tell the sites that the run ended: %s", exc)
+
+
+# --- The ServerApp that `medmeta server start` and `flwr run .` submit -------------------
 
 app = ServerApp()
 
 
+def rounds_override(context: Context) -> int | None:
+    """The run config's ``rounds`` (0: as the config file says)."""
+    rounds = int(context.run_config.get("rounds", 0) or 0)
+    return rounds if rounds > 0 else None
+
+
 @app.main()
 def production_main(grid: Grid, context: Context) -> None:
-    """Run the federation of the ``server.yaml`` named in the run config.
+    """Run the federation the run config names: ``server-config`` or ``federation``.
 
-    A state directory that already holds checkpoints is resumed (same method only), so
-    restarting the server after a crash continues where it stopped.
+    With ``server-config`` (deployment) the operator's state directory is resumed when
+    it holds checkpoints, so restarting the server continues where it stopped. Without
+    it, the ``federation`` YAML runs in Flower's simulation runtime
+    (:func:`server.flwr_simulation.run_simulated_federation`).
     """
-    from medmeta_common.config.deploy import load_server_config
-
+    log_in_flower_process()
     path = str(context.run_config.get("server-config", ""))
     if not path:
-        raise FederationError("the run config has no 'server-config'; start runs with "
-                              "`medmeta server start --config server.yaml`")
+        from server.flwr_simulation import run_simulated_federation
+
+        run_simulated_federation(grid, context, rounds=rounds_override(context))
+        return
+    from medmeta_common.config.deploy import load_server_config
+
     config = load_server_config(path)
-    state_dir = Path(config.state_dir)
-    run_federation(grid, config, state_dir, resume=bool(RunState(state_dir).checkpoints()))
+    if (rounds := rounds_override(context)) is not None:
+        config = replace(config, rounds=rounds)
+    state = RunState(Path(config.state_dir))
+    run_federation(grid, config, state.out_dir, resume=bool(state.checkpoints()),
+                   registered=state.registered_sites())

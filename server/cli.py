@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medmeta_common.cli_output import print_written, warn_insecure
+from server.dashboard.command import add_dashboard_command
 
 log = logging.getLogger("medmeta")
 
 if TYPE_CHECKING:
+    from medmeta_common.config.deploy import ServerConfig
+
     Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
@@ -100,6 +103,9 @@ def register(commands: Commands, certs_commands: Commands) -> None:
         "config says insecure), register the sites' public keys, and submit the "
         "meta-learning run. A state directory with checkpoints is resumed.")
     start.add_argument("--config", type=Path, required=True, help="server.yaml")
+    start.add_argument("--rounds", type=int, default=None,
+                       help="run this many rounds instead of the config's (e.g. a short "
+                       "walk-through); a finished run is extended to it")
     start.add_argument("--foreground", action="store_true",
                        help="stay attached until the SuperLink stops (for systemd, Docker)")
     start.set_defaults(handler=run_server_start)
@@ -110,6 +116,7 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     stop = operator_commands.add_parser("stop", help="stop the run and the SuperLink")
     stop.add_argument("--config", type=Path, required=True, help="server.yaml")
     stop.set_defaults(handler=run_server_stop)
+    add_dashboard_command(operator_commands)
     register_release(commands)
 
 
@@ -143,10 +150,10 @@ def run_certs_server(args: argparse.Namespace) -> int:
 def run_server_start(args: argparse.Namespace) -> int:
     """Start the SuperLink, register sites, submit the run."""
     from medmeta_common.config.deploy import load_server_config
-    from server.state import RunState
     from server.superlink import SuperLink
 
     config = load_server_config(args.config)
+    rounds = check_start_rounds(config, args.rounds)
     if config.superlink.insecure:
         warn_insecure("the SuperLink")
     link = SuperLink(config, args.config)
@@ -156,14 +163,13 @@ def run_server_start(args: argparse.Namespace) -> int:
     try:
         names = link.register_sites()
         log.info("registered sites: %s", ", ".join(names) or "(none)")
-        done = RunState(Path(config.state_dir)).checkpoints()
-        if done:
-            log.info("state directory holds checkpoints up to %s: the run resumes", done[-1].name)
-        run_id = link.start_run()
+        run_id = link.start_run(rounds=args.rounds)
     except BaseException:
         link.stop()
         raise
-    print(f"Run {run_id} started: {config.rounds} rounds of '{config.name}'. "
+    done = last_checkpoint_round(Path(config.state_dir))
+    what = f"resumed after round {done} of {rounds}" if done else f"started: {rounds} rounds"
+    print(f"Run {run_id} {what} of '{config.name}'. "
           f"Follow it with `medmeta server status --config {args.config}`.")
     if not args.foreground:
         return 0
@@ -178,15 +184,54 @@ def run_server_start(args: argparse.Namespace) -> int:
     return 0 if stopping else code  # a requested stop is a clean exit
 
 
+def last_checkpoint_round(state_dir: Path) -> int:
+    """The round of the newest checkpoint in ``state_dir`` (0: none)."""
+    from server.state import RunState
+
+    names = RunState(state_dir).checkpoints()
+    return int(names[-1].stem.split("-")[1]) if names else 0
+
+
+def check_start_rounds(config: ServerConfig, rounds: int | None) -> int:
+    """The rounds to run; refuse a finished run, warn when budgets will not last."""
+    from medmeta_common.errors import ConfigError, FederationError
+    from server.budget_forecast import budget_warnings
+    from server.state import RunState
+
+    if rounds is not None and rounds < 1:
+        raise ConfigError(source="--rounds", field="rounds", expected="at least 1",
+                          found=str(rounds))
+    planned = rounds or config.rounds
+    done = last_checkpoint_round(Path(config.state_dir))
+    if done >= planned:
+        raise FederationError(
+            f"the run in {config.state_dir} is already FINISHED: {done} of {planned} rounds "
+            "done, nothing to start. Give --rounds N (more than "
+            f"{done}) to extend it, or start a new run in another state_dir (deploy/README.md: "
+            "resetting the walk-through)")
+    if done:
+        log.info("the state directory holds rounds 1-%d: the run resumes after round %d of %d",
+                 done, done, planned)
+    records = RunState(Path(config.state_dir)).read_metrics()
+    for warning in budget_warnings(records, rounds_left=planned - done,
+                                   local_steps=config.train.local_steps,
+                                   spare_rounds=config.server.spare_rounds):
+        log.warning("%s", warning)
+    return planned
+
+
 def server_status(config_path: Path) -> dict[str, Any]:
     """Rounds done, sites connected, last metrics and epsilon per site."""
     from medmeta_common.config.deploy import load_server_config
+    from server.run_view import read_run
     from server.state import RunState
     from server.superlink import SuperLink
 
     config = load_server_config(config_path)
     link = SuperLink(config, config_path)
-    records = RunState(Path(config.state_dir)).read_metrics()
+    state = RunState(Path(config.state_dir))
+    records = state.read_metrics()
+    view = read_run(state.out_dir, state.read_progress().get("rounds_planned") or config.rounds)
     train = [r for r in records if r.get("phase") == "train"]
     evaluate = [r for r in records if r.get("phase") == "evaluate"]
     epsilon: dict[str, float] = {}
@@ -200,10 +245,11 @@ def server_status(config_path: Path) -> dict[str, Any]:
         "central_epsilon": central[-1] if central else None,
         "superlink": {"running": pid is not None, "pid": pid},
         "rounds_done": train[-1]["round"] if train else 0,
-        "rounds_planned": config.rounds,
+        "rounds_planned": view.rounds_planned,
         "last_accuracy": evaluate[-1].get("accuracy_mean") if evaluate else None,
         "epsilon": epsilon,
         "last_round_sites": train[-1]["sites"] if train else {},
+        "view": view.to_json(),
     }
     if pid is not None:
         run_id = link.run_id()
@@ -216,45 +262,13 @@ def server_status(config_path: Path) -> dict[str, Any]:
 
 
 def run_server_status(args: argparse.Namespace) -> int:
-    """Print the server's status."""
+    """Print the server's status; exit non-zero when the run has failed."""
+    from medmeta_common.errors import FederationError
+    from server.status_text import format_status
+
     status = server_status(args.config)
-    if args.json:
-        print(json.dumps(status, default=str))
-        return 0
-    link = status["superlink"]
-    print("SuperLink: " + (f"running (pid {link['pid']})" if link["running"] else "stopped"))
-    if "run" in status:
-        print(f"run: {status['run']['id']} {status['run']['status']}")
-        online = sum(n["status"] == "online" for n in status.get("nodes", []))
-        print(f"sites: {online} online of {len(status.get('nodes', []))} registered")
-        for node in status.get("nodes", []):
-            print(f"  {node['site'] or '(unknown)':<20} node {node['id']}  {node['status']}")
-    print(f"rounds: {status['rounds_done']}/{status['rounds_planned']}")
-    print_site_problems(status["last_round_sites"], registered_site_names(args.config))
-    if status["last_accuracy"] is not None:
-        print(f"few-shot validation accuracy (last round): {status['last_accuracy']:.3f}")
-    for site, eps in sorted(status["epsilon"].items()):
-        print(f"  {site:<20} epsilon {eps:.3f} (record-level, as reported by the site)")
-    if status["central_epsilon"] is not None:
-        print(f"site-level (central) epsilon at the server: {status['central_epsilon']:.3f}")
-    return 0
-
-
-def registered_site_names(config_path: Path) -> dict[str, str]:
-    """``node-<id>`` -> site name, from the registrations (a refusing site never says)."""
-    from medmeta_common.config.deploy import load_server_config
-    from server.superlink import SuperLink
-
-    ids = SuperLink(load_server_config(config_path), config_path).site_ids()
-    return {f"node-{node}": name for name, node in ids.items()}
-
-
-def print_site_problems(sites: dict[str, Any], names: dict[str, str]) -> None:
-    """Each site whose last-round update was not accepted, and why (a refusal's reason)."""
-    for site, details in sorted(sites.items()):
-        if details.get("status") != "accepted":
-            why = f": {details['reason']}" if details.get("reason") else ""
-            print(f"  {names.get(site, site):<20} last round {details.get('status')}{why}")
+    print(json.dumps(status, default=str) if args.json else "\n".join(format_status(status)))
+    return FederationError.exit_code if status["view"]["status"] == "failed" else 0
 
 
 def run_server_stop(args: argparse.Namespace) -> int:

@@ -103,12 +103,15 @@ class SecureRoundStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: Any) -> list[tuple[ClientProxy, FitIns]]:
         """Sample sites (waiting for ``min_sites``) and give each the round's settings."""
+        sample_nodes(self.grid, self.meta.min_available_nodes, 0)  # wait, then size the sample
         connected = len(list(self.grid.get_node_ids()))
         size = max(self.meta.min_sites, math.ceil(self.fraction * connected))
-        self.sampled, _ = sample_nodes(self.grid, self.meta.min_sites, size)
+        self.sampled, _ = sample_nodes(self.grid, self.meta.min_available_nodes, size)
         self.meta.learn_site_names(self.grid)
-        config = to_legacy_config({**dict(self.settings), "server-round": self.round_number})
-        return [(GridClientProxy(node, self.grid, run_id=0), FitIns(parameters, config))
+        self.meta.sites_asked(self.sampled)
+        config: dict[str, Any] = {**dict(self.settings), "server-round": self.round_number}
+        return [(GridClientProxy(node, self.grid, run_id=0),
+                 FitIns(parameters, to_legacy_config({**config, **self.meta.sites.told(node)})))
                 for node in self.sampled]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -181,7 +184,8 @@ def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationC
     """``rounds`` securely aggregated rounds (evaluation as the strategy asks); the last encoder.
 
     Flower's SecAgg+ needs its own per-round driver (its legacy workflow); each round
-    still begins and closes through the strategy, as plain rounds do.
+    still begins and closes through the strategy, as plain rounds do, so a failed round
+    is retried, or stops the run, by the same rule.
     """
     workflow = StoppingSecAggPlus(
         num_shares=_share_setting(secure.num_shares),
@@ -190,8 +194,9 @@ def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationC
         quantization_range=secure.quantization_range,
         timeout=secure.timeout or round_timeout)
     current = initial
-    for local_round in range(1, rounds + 1):
-        round_number = meta.round_offset + local_round
+    last_round = meta.rounds_done + rounds
+    while meta.rounds_done < last_round:  # a failed round is tried again (or raises)
+        round_number = meta.next_round
         meta.begin_round(current)
         round_strategy = SecureRoundStrategy(meta, grid, settings, current, round_number,
                                              fraction_train)
@@ -215,9 +220,9 @@ def run_secure_rounds(grid: Grid, meta: MetaStrategy, secure: SecureAggregationC
             target = None
         current = meta.close_round(record, target)
         arrays: ArrayRecord = numpy_to_arrays(current)
-        questions = list(meta.configure_evaluate(local_round, arrays,
+        questions = list(meta.configure_evaluate(round_number, arrays,
                                                  ConfigRecord(dict(settings)), grid))
         if questions:
             replies = grid.send_and_receive(questions, timeout=round_timeout)
-            meta.aggregate_evaluate(local_round, replies)
+            meta.aggregate_evaluate(round_number, replies)
     return current

@@ -1,25 +1,37 @@
 """The run's state on disk: checkpoints after every round and an append-only metrics log.
 
-A run directory holds ``checkpoints/round-NNNN.pt`` (the newest few are kept) and
-``metrics.jsonl`` (one JSON object per round and phase). On resume, metric lines of
-rounds after the last checkpoint are dropped, so no round appears twice.
+A run directory holds ``checkpoints/round-NNNN.pt`` (the newest few are kept),
+``metrics.jsonl`` (one JSON object per round and phase; ``phase: failed`` lines are
+attempts of a round that did not count) and ``progress.json`` (what the server is
+doing now: the round and phase in progress, or that the run finished or failed). On
+resume, metric lines of rounds after the last checkpoint are dropped, so no round
+appears twice; failed attempts are kept, as history.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from medmeta_common.checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint
+from medmeta_common.checkpoint import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+)
 from medmeta_common.config.fingerprint import SCHEMA_VERSION
 from medmeta_common.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
+# Written by `medmeta server start` when it registers the sites' keys: name -> node id.
+REGISTERED_SITES_FILE = "sites.json"
 
 
 class Fingerprinted(Protocol):
@@ -92,9 +104,38 @@ class RunState:
 
     def drop_metrics_after(self, round_number: int) -> None:
         """Forget metrics of rounds after ``round_number`` (they will be re-run)."""
-        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= round_number]
+        kept = [r for r in self.read_metrics()
+                if int(r.get("round", 0)) <= round_number or r.get("phase") == "failed"]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n"
                                                      for r in kept))
+
+    def record_config(self, config: Any) -> None:
+        """Write ``config.json``: the resolved configuration (a dataclass) and its hash."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out_dir / "config.json", {
+            "config_hash": config.hash(), "config_schema": SCHEMA_VERSION,
+            **dataclasses.asdict(config)})
+
+    def write_progress(self, progress: dict[str, Any]) -> None:
+        """Replace ``progress.json`` (atomically: a reader never sees half of it)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out_dir / PROGRESS_FILE, progress)
+
+    def read_progress(self) -> dict[str, Any]:
+        """What the server last said it was doing (empty when it never ran)."""
+        try:
+            progress = json.loads((self.out_dir / PROGRESS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return progress if isinstance(progress, dict) else {}
+
+    def registered_sites(self) -> dict[int, str]:
+        """Node id -> the name the operator registered its key under (deployment only)."""
+        try:
+            raw = json.loads((self.out_dir / REGISTERED_SITES_FILE).read_text())
+            return {int(node): str(name) for name, node in raw.items() if str(node).isdigit()}
+        except (OSError, ValueError, AttributeError):
+            return {}
 
     def check_resumable(self, config: Fingerprinted) -> dict[str, Any]:
         """The checkpoint to resume from; refuse one made with a different config.

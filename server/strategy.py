@@ -3,14 +3,16 @@
 Flower's ``Strategy.start`` owns the round loop; we only override hooks:
 
 - ``configure_train`` / ``configure_evaluate`` remember the current global encoder,
-  learn the names of newly connected sites, and stamp the global round number (a
-  resumed run continues counting).
+  learn the names of newly connected sites, stamp the global round number (a
+  resumed run continues counting; a failed round is tried again under the same
+  number), and tell each site what became of its previous update.
 - ``aggregate_train`` checks every reply (an error, a refusal, a malformed update, or
   one longer than ``server.max_update_norm`` is logged with the site's name and left
   out; see :mod:`server.update_checks`), aggregates the accepted encoders with
   ``server.aggregator`` (:func:`server.aggregation.aggregate`), applies the
   meta-update, and writes a checkpoint and a metrics line before the next round
-  starts.
+  starts. A round with fewer than ``min_sites`` accepted updates fails instead: no
+  meta-update, no checkpoint, and the round is retried (:mod:`server.round_outcome`).
 - ``aggregate_evaluate`` logs the sites' few-shot validation accuracy.
 """
 
@@ -23,9 +25,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medmeta_common.privacy.central_dp import central_epsilon
 from medmeta_common.protocol import (
@@ -42,6 +45,8 @@ from medmeta_common.update_codec import decode_update, encoded_layout, payload_b
 from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 from server.aggregation import server_target
 from server.meta_update import MetaOptimizer
+from server.round_outcome import RoundsFailedError, failure_message, failure_reason
+from server.sites import SiteDirectory
 from server.update_checks import screen_update, update_norm
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,12 @@ class RoundRecorder(Protocol):
     def evaluate_done(self, round_number: int, record: dict[str, Any]) -> None:
         """After federated evaluation: the round's evaluation record."""
 
+    def round_failed(self, round_number: int, record: dict[str, Any]) -> None:
+        """A training round without a meta-update (it will be retried, or the run stops)."""
+
+    def round_started(self, round_number: int, phase: str, sites: list[str]) -> None:
+        """A phase (``train`` or ``evaluate``) of a round has asked ``sites``."""
+
 
 class MetaStrategy(FedAvg):
     """Reptile / first-order FedMeta on Flower's round loop.
@@ -73,7 +84,7 @@ class MetaStrategy(FedAvg):
     min_sites : int
         Fewest accepted updates for a meta-update; below it the encoder is kept.
     round_offset : int
-        Rounds already done (a resumed run): Flower's round 1 is global round
+        Rounds already done (a resumed run): the first round is global round
         ``round_offset + 1``.
     recorder : RoundRecorder
         Told about every round, to write checkpoints and metrics.
@@ -85,6 +96,11 @@ class MetaStrategy(FedAvg):
         The run's final (global) round.
     query_timeout : float
         Seconds to wait for a new site to say its name.
+    max_failed_rounds : int
+        Failed attempts of one round, in a row, after which the run stops
+        (:class:`~server.round_outcome.RoundsFailedError`).
+    wait_for_sites : int, optional
+        Connected sites a round waits for before sampling (default ``min_sites``).
 
     """
 
@@ -101,13 +117,15 @@ class MetaStrategy(FedAvg):
         evaluate_every: int = 1,
         last_round: int | None = None,
         query_timeout: float = 120.0,
+        max_failed_rounds: int = 3,
+        wait_for_sites: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites if fraction_evaluate > 0 else 0,
-            min_available_nodes=min_sites,
+            min_available_nodes=max(min_sites, wait_for_sites or 0),
             arrayrecord_key=ARRAYS_KEY,
             configrecord_key=CONFIG_KEY,
         )
@@ -115,42 +133,54 @@ class MetaStrategy(FedAvg):
         self.layout = layout
         self.min_sites = min_sites
         self.round_offset = round_offset
+        self.rounds_done = round_offset
+        self.failed_in_a_row = 0
+        self.max_failed_rounds = max_failed_rounds
         self.recorder = recorder
         self.query_timeout = query_timeout
         self.evaluate_every = evaluate_every
         self.last_round = last_round
-        self.site_names: dict[int, str] = {}
+        self.sites = SiteDirectory()
         self._current: dict[str, np.ndarray] | None = None
         self._sites_asked = 0
+        self._asked: list[int] = []
+        self._round_number = round_offset + 1
+        # The round whose encoder the next evaluation scores (None after a failed round).
+        self._evaluated_round: int | None = None
+
         # Central-DP noise must be unpredictable: fresh OS entropy, never the run seed.
         self._noise = np.random.default_rng(secrets.randbits(128))
         self._round_started = time.monotonic()
 
     # --- helpers ---------------------------------------------------------------------
 
+    @property
+    def site_names(self) -> dict[int, str]:
+        """Node id -> the name each site gave (see :class:`server.sites.SiteDirectory`)."""
+        return self.sites.names
+
+    @site_names.setter
+    def site_names(self, names: dict[int, str]) -> None:
+        self.sites.names = dict(names)
+
     def site_name(self, node_id: int) -> str:
-        """The name a site gave, or its node id."""
-        return self.site_names.get(node_id, f"node-{node_id}")
+        """The registered name of a node, else the name it gave, else its node id."""
+        return self.sites.name(node_id)
 
     def learn_site_names(self, grid: Grid) -> None:
         """Ask newly connected sites for their names (operator metadata, not data)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.site_names]
-        if not unknown:
-            return
-        questions = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                     for n in unknown]
-        for reply in grid.send_and_receive(questions, timeout=self.query_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d did not say its site name: %s", node, reply.error.reason)
-                continue
-            record = reply.content.config_records.get("site")
-            name = record.get("name") if record else None
-            if isinstance(name, str) and name:
-                self.site_names[node] = name
+        self.sites.learn(grid, timeout=self.query_timeout)
 
-    def _global_round(self, server_round: int) -> int:
-        return self.round_offset + server_round
+    @property
+    def current(self) -> dict[str, np.ndarray]:
+        """The global encoder (after the last completed round)."""
+        assert self._current is not None, "the first round has not started"
+        return self._current
+
+    @property
+    def next_round(self) -> int:
+        """The global number of the round to train next (a failed round keeps it)."""
+        return self.rounds_done + 1
 
     # --- Strategy hooks ----------------------------------------------------------------
 
@@ -158,19 +188,31 @@ class MetaStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Remember the global encoder and ask a sample of sites to train."""
         self.begin_round(arrays_to_numpy(arrays))
-        # Sampling waits until enough sites are connected; ask the names after it.
-        messages = list(super().configure_train(self._global_round(server_round), arrays,
-                                                config, grid))
-        self._sites_asked = len(messages)
+        # Wait for the sites first: Flower sizes its sample from the sites connected
+        # *before* it waits, so a site connecting during the wait would be left out.
+        sample_nodes(grid, self.min_available_nodes, 0)
+        messages = list(super().configure_train(self.next_round, arrays, config, grid))
         self.learn_site_names(grid)
-        return messages
+        self.sites_asked([m.metadata.dst_node_id for m in messages])
+        return self.sites.with_feedback(messages)
+
+    def sites_asked(self, nodes: list[int]) -> None:
+        """The sites asked to train this round (both round drivers)."""
+        self._asked = list(nodes)
+        self._sites_asked = len(nodes)
+        self.recorder.round_started(self._round_number, "train",
+                                    sorted(self.site_name(n) for n in nodes))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Ask a sample of sites for few-shot validation accuracy (every k-th round)."""
-        if not self.evaluates(self._global_round(server_round)):
+        round_number = self._evaluated_round
+        if round_number is None or not self.evaluates(round_number):
             return []  # each evaluate message costs every site a process start when deployed
-        return super().configure_evaluate(self._global_round(server_round), arrays, config, grid)
+        messages = list(super().configure_evaluate(round_number, arrays, config, grid))
+        self.recorder.round_started(round_number, "evaluate", sorted(
+            self.site_name(m.metadata.dst_node_id) for m in messages))
+        return self.sites.with_feedback(messages)
 
     def evaluates(self, round_number: int) -> bool:
         """Whether sites are asked for validation accuracy after ``round_number``."""
@@ -179,18 +221,21 @@ class MetaStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check replies, meta-update the encoder, checkpoint; see the module docstring."""
-        round_number = self._global_round(server_round)
+        round_number = self._round_number
         assert self._current is not None, "configure_train runs before aggregate_train"
         accepted: list[tuple[str, dict[str, np.ndarray], float]] = []
         sites: dict[str, dict[str, Any]] = {}
         # In site-name order: the aggregate's floating-point sums then do not depend on
         # which site answered first.
+        replies = list(replies)
         for reply in sorted(replies, key=lambda r: self.site_name(r.metadata.src_node_id)):
             name = self.site_name(reply.metadata.src_node_id)
             verdict, metrics, arrays = self._judge_train_reply(reply)
             sites[name] = {"status": verdict, **metrics}
             if verdict == "accepted" and arrays is not None:
                 accepted.append((name, arrays, float(metrics[NUM_EXAMPLES])))
+        for node in self.missing(replies):
+            sites[self.site_name(node)] = {"status": "dropped"}
         record: dict[str, Any] = {"round": round_number, "phase": "train", "sites": sites,
                                   "accepted": len(accepted)}
         target = None
@@ -201,33 +246,62 @@ class MetaStrategy(FedAvg):
         new = self.close_round(record, target)
         return numpy_to_arrays(new), MetricRecord({"accepted-sites": len(accepted)})
 
+    def missing(self, replies: Iterable[Message]) -> list[int]:
+        """Nodes asked this round that did not answer."""
+        answered = {r.metadata.src_node_id for r in replies}
+        return [n for n in self._asked if n not in answered]
+
     def close_round(self, record: dict[str, Any],
                     target: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """End a training round: meta-update toward ``target``, record it, checkpoint.
 
         ``target`` is the aggregate of the accepted updates, or ``None`` when too few
-        sites contributed (the global encoder is then kept). Both round drivers (this
-        strategy's, and secure aggregation's) end every round here.
+        sites contributed: the round then fails (:meth:`fail_round`). Both round drivers
+        (this strategy's, and secure aggregation's) end every round here.
         """
         assert self._current is not None, "a round starts before it closes"
         round_number = int(record["round"])
+        self.sites.remember(record, self._asked, self.min_sites)
         if target is None:
-            log.warning("round %d: %d accepted update(s), fewer than min_sites=%d; the global "
-                        "encoder is kept", round_number, record["accepted"], self.min_sites)
-            new = self._current
-        else:
-            server = self.meta_optimizer.config
-            if server.central_dp is not None:
-                dp = server.central_dp
-                record["central_epsilon"] = central_epsilon(dp.noise_multiplier, round_number,
-                                                            dp.delta)
-                record["central_delta"] = dp.delta
-            new = self.meta_optimizer.step(self._current, target)
-            record["update_norm"] = update_norm(new, self._current)
+            self.fail_round(record)
+            return self._current
+        server = self.meta_optimizer.config
+        if server.central_dp is not None:
+            dp = server.central_dp
+            record["central_epsilon"] = central_epsilon(dp.noise_multiplier, round_number,
+                                                        dp.delta)
+            record["central_delta"] = dp.delta
+        new = self.meta_optimizer.step(self._current, target)
+        record["update_norm"] = update_norm(new, self._current)
         record["seconds"] = round(time.monotonic() - self._round_started, 3)
+        record["time"] = round(time.time(), 3)
         self.recorder.train_done(round_number, new, record)
         self._current = new
+        self.rounds_done = round_number
+        self.failed_in_a_row = 0
+        self._evaluated_round = round_number
         return new
+
+    def fail_round(self, record: dict[str, Any]) -> None:
+        """A round without enough accepted updates: it does not count, and is retried.
+
+        The global encoder is kept, no checkpoint is written and the round counter
+        stays; the attempt is logged and kept in the metrics (``phase: failed``). After
+        ``max_failed_rounds`` failures in a row, :class:`RoundsFailedError` stops the run.
+        """
+        self.failed_in_a_row += 1
+        self._evaluated_round = None
+        record.update({"phase": "failed", "attempt": self.failed_in_a_row,
+                       "reason": failure_reason(record, self.min_sites),
+                       "seconds": round(time.monotonic() - self._round_started, 3),
+                       "time": round(time.time(), 3)})
+        self.recorder.round_failed(int(record["round"]), record)
+        if self.failed_in_a_row >= self.max_failed_rounds:
+            raise RoundsFailedError(failure_message(record, self.min_sites,
+                                                    self.failed_in_a_row))
+        log.error("round %d failed (attempt %d of %d): %s; the global encoder is kept and "
+                  "the round is tried again", record["round"], self.failed_in_a_row,
+                  self.max_failed_rounds, record["reason"])
 
     def judge_metrics(self, name: str, metric_record: Mapping[str, Any] | None
                       ) -> tuple[str, dict[str, Any]]:
@@ -286,14 +360,15 @@ class MetaStrategy(FedAvg):
 
     def begin_round(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Start a round from the global encoder ``arrays`` (both round drivers)."""
+        self._round_number = self.next_round
         self._round_started = time.monotonic()
         self._current = dict(arrays)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         """Collect per-site few-shot validation accuracy."""
-        round_number = self._global_round(server_round)
-        if not self.evaluates(round_number):
+        round_number = self._evaluated_round
+        if round_number is None or not self.evaluates(round_number):
             return None
         sites: dict[str, dict[str, Any]] = {}
         for reply in replies:
@@ -306,5 +381,6 @@ class MetaStrategy(FedAvg):
         scored = {n: m for n, m in sites.items() if "accuracy" in m}
         mean = float(np.mean([m["accuracy"] for m in scored.values()])) if scored else None
         self.recorder.evaluate_done(round_number, {"round": round_number, "phase": "evaluate",
-                                                   "sites": sites, "accuracy_mean": mean})
+                                                   "sites": sites, "accuracy_mean": mean,
+                                                   "time": round(time.time(), 3)})
         return MetricRecord({"accuracy": mean}) if mean is not None else None

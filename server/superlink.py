@@ -194,16 +194,19 @@ class SuperLink:
         except (OSError, ValueError):
             return {}
 
-    def start_run(self) -> str:
+    def start_run(self, rounds: int | None = None) -> str:
         """Submit the meta-learning run (our ServerApp) and remember its ID.
 
         A ``release:`` in server.yaml is submitted exactly as signed, with its
-        signature in the run config (:mod:`server.release_run`).
+        signature in the run config (:mod:`server.release_run`); ``rounds`` overrides
+        the config's (``medmeta server start --rounds N``).
         """
         from server.release_run import release_submission
 
         app_dir, entries = release_submission(self.config, self.state, APP_DIR)
         extra = [a for k, v in entries.items() for a in ("--run-config", f"{k}='{v}'")]
+        if rounds is not None:
+            extra += ["--run-config", f"rounds={int(rounds)}"]
         payload = self.flwr("run", str(app_dir), CONNECTION, "--run-config",
                             f"server-config='{self.config_path}'", *extra)
         run_id = str(payload.get("run-id"))

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from medmeta_common.config import MetaUpdateConfig, load_config
 from medmeta_common.errors import ConfigError
 from medmeta_common.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES
-from medmeta_common.wire import numpy_to_arrays
+from medmeta_common.wire import arrays_to_numpy, numpy_to_arrays
 from server.aggregation import (
     AGGREGATORS,
     aggregate,
@@ -27,6 +27,7 @@ from server.aggregation import (
     weighted_mean,
 )
 from server.meta_update import MetaOptimizer
+from server.round_outcome import RoundsFailedError, site_reasons
 from server.strategy import MetaStrategy
 from server.update_checks import screen_update, update_norm
 
@@ -179,6 +180,7 @@ def reply(node: int, values: list[float], records: int = 10) -> Reply:
 class Recorder:
     def __init__(self) -> None:
         self.rounds: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []
+        self.failed: list[dict[str, Any]] = []
 
     def train_done(self, round_number: int, encoder: dict[str, np.ndarray],
                    record: dict[str, Any]) -> None:
@@ -187,11 +189,18 @@ class Recorder:
     def evaluate_done(self, round_number: int, record: dict[str, Any]) -> None:
         pass
 
+    def round_failed(self, round_number: int, record: dict[str, Any]) -> None:
+        self.failed.append(dict(record))
+
+    def round_started(self, round_number: int, phase: str, sites: list[str]) -> None:
+        pass
+
 
 def strategy_with(server: MetaUpdateConfig) -> tuple[MetaStrategy, Recorder]:
     recorder = Recorder()
     strategy = MetaStrategy(meta_optimizer=MetaOptimizer(server, CURRENT), layout=LAYOUT,
-                            min_sites=2, round_offset=0, recorder=recorder)
+                            min_sites=2, round_offset=0, recorder=recorder,
+                            max_failed_rounds=server.max_failed_rounds)
     strategy.site_names = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c", 4: "hospital-d"}
     strategy._current = dict(CURRENT)  # what configure_train stores from the round's arrays
     return strategy, recorder
@@ -219,14 +228,50 @@ def test_strategy_rejects_long_and_nan_updates_by_site_name(
     assert "rejected update from site hospital-d: w holds NaN" in caplog.text
 
 
-def test_strategy_keeps_the_encoder_below_quorum(caplog: pytest.LogCaptureFixture) -> None:
-    strategy, recorder = strategy_with(MetaUpdateConfig(max_update_norm=0.1))
+def test_a_round_below_quorum_fails_is_retried_and_then_stops_the_run(
+        caplog: pytest.LogCaptureFixture) -> None:
+    strategy, recorder = strategy_with(MetaUpdateConfig(max_update_norm=0.1,
+                                                        max_failed_rounds=2))
+    long_updates = [reply(1, [1.5, 1.0]), reply(2, [1.0, 1.5])]
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
-        strategy.aggregate_train(1, [reply(1, [1.5, 1.0]), reply(2, [1.0, 1.5])])  # type: ignore[list-item]
-    encoder, record = recorder.rounds[0]
-    assert record["accepted"] == 0
-    np.testing.assert_array_equal(encoder["w"], CURRENT["w"])
-    assert "fewer than min_sites=2; the global encoder is kept" in caplog.text
+        arrays, _ = strategy.aggregate_train(1, long_updates)  # type: ignore[arg-type]
+    # No meta-update, nothing for a checkpoint, and the same round is asked again.
+    assert recorder.rounds == []
+    np.testing.assert_array_equal(arrays_to_numpy(arrays)["w"], CURRENT["w"])
+    assert strategy.rounds_done == 0 and strategy.next_round == 1
+    first = recorder.failed[0]
+    assert first["phase"] == "failed" and first["round"] == 1 and first["attempt"] == 1
+    assert first["reason"] == "0 accepted update(s), fewer than min_sites=2"
+    assert "round 1 failed (attempt 1 of 2)" in caplog.text
+    # The second failure in a row stops the run, naming each site's reason.
+    with pytest.raises(RoundsFailedError) as stopped:
+        strategy.aggregate_train(2, long_updates)  # type: ignore[arg-type]
+    message = str(stopped.value)
+    assert message.startswith("round 1 failed 2 time(s) in a row (0 accepted update(s), "
+                              "fewer than min_sites=2); the run stops.")
+    assert "hospital-a: rejected: update norm 0.5 exceeds server.max_update_norm = 0.1" in \
+        message
+    assert "hospital-b: rejected: update norm 0.5" in message
+    assert stopped.value.exit_code != 0
+
+
+def test_a_successful_round_resets_the_failure_count_and_advances() -> None:
+    strategy, recorder = strategy_with(MetaUpdateConfig(max_failed_rounds=2))
+    strategy.aggregate_train(1, [reply(1, [1.5, 1.0])])  # type: ignore[list-item]
+    assert strategy.failed_in_a_row == 1 and strategy.next_round == 1
+    strategy.begin_round(strategy.current)  # what configure_train does
+    strategy.aggregate_train(2, [reply(1, [1.5, 1.0]), reply(2, [1.0, 1.5])])  # type: ignore[list-item]
+    assert strategy.failed_in_a_row == 0 and strategy.rounds_done == 1
+    assert [r["round"] for _, r in recorder.rounds] == [1]
+    # A refusal is named with the budget the site reported.
+    refused = Reply(RecordDict({METRICS_KEY: MetricRecord({
+        NUM_EXAMPLES: 0, "refused": 1, "epsilon": 7.99, "epsilon-budget": 8.0})}),
+        SimpleNamespace(src_node_id=3))
+    strategy.begin_round(strategy.current)
+    strategy.aggregate_train(3, [reply(1, [1.5, 1.0]), refused])  # type: ignore[list-item]
+    assert recorder.failed[-1]["round"] == 2
+    assert site_reasons(recorder.failed[-1]["sites"]) == {
+        "hospital-c": "refused: its privacy budget is spent (epsilon 7.990 of 8)"}
 
 
 # --- settings ------------------------------------------------------------------------

@@ -66,7 +66,7 @@ state_dir: state/server
 image: {{size: 32, channels: 1}}
 train: {{local_steps: 2, batch_size: 16}}
 evaluation: {{ways: 2, shots: 3, queries: 3, episodes: 5}}
-server: {{min_sites: 2, round_timeout: 240, fraction_evaluate: 0.0}}
+server: {{min_sites: 1, wait_for_sites: 2, round_timeout: 240, fraction_evaluate: 0.0}}
 superlink: {{host: 127.0.0.1, port: {port}, certificates: pki}}
 sites:
   - {{name: hospital-a, public_key: keys/hospital-a.pub}}

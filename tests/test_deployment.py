@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from medmeta_common.pki import init_ca, server_certificate, site_keypair
 from medmeta_common.privacy.accounting import epsilon_of
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 from server.state import RunState
+from server.superlink import flower_env
 from tests.conftest import SHARED_DATA, shared_file
 
 pytestmark = pytest.mark.slow
@@ -112,6 +114,10 @@ private_key: keys/{name}.key
 port: {free_port()}
 """)
         site_yamls[name] = site_yaml
+    swapped = root / "swapped-key.yaml"  # hospital-a's config with hospital-b's key
+    swapped.write_text(site_yamls["hospital-a"].read_text().replace("keys/hospital-a.key",
+                                                                    "keys/hospital-b.key"))
+    site_yamls["swapped-key"] = swapped
     wrong_ca = root / "wrong-ca.yaml"
     wrong_ca.write_text(site_yamls["hospital-a"].read_text().replace("pki/ca.crt",
                                                                       "other-pki/ca.crt"))
@@ -127,9 +133,10 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     run = write_configs(root, free_port())
     try:
         run.server("start")
-        run.notes["wrong_ca"] = subprocess.run(
-            [*CLI, "site", "check", "--config", str(run.site_yamls["wrong-ca"])],
-            capture_output=True, text=True, timeout=120)
+        for name in ("wrong-ca", "intruder", "swapped-key", "hospital-a"):
+            run.notes[f"check:{name}"] = subprocess.run(
+                [*CLI, "site", "check", "--config", str(run.site_yamls[name])],
+                capture_output=True, text=True, timeout=120)
         intruder = run.start_site("intruder")
         for name in SITES:
             run.nodes[name] = run.start_site(name)
@@ -138,21 +145,36 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         run.notes["intruder_log"] = (root / "intruder.log").read_text(errors="replace")
 
         wait_for(lambda: 1 in checkpoint_rounds(run.state), 300, "round 1")
-        os.killpg(run.nodes["hospital-c"].pid, signal.SIGKILL)  # a site dies mid-run
+        # A site that trained round 1 dies (round 1 starts once min_sites are connected,
+        # so the third site may have joined only later).
+        first = next(r for r in RunState(run.state).read_metrics() if r["phase"] == "train")
+        dead = sorted(first["sites"])[-1]
+        run.notes["dead"] = dead
+        run.notes["survivors"] = [n for n in SITES if n != dead]
+        os.killpg(run.nodes[dead].pid, signal.SIGKILL)  # a site dies mid-run
         # The server crashes as soon as round 2 is checkpointed, before round 3 can
         # finish (polled fast: a 3-step round takes seconds).
-        wait_for(lambda: 2 in checkpoint_rounds(run.state), 400, "round 2 without hospital-c",
+        wait_for(lambda: 2 in checkpoint_rounds(run.state), 400, f"round 2 without {dead}",
                  poll=0.1)
         pid = int((run.state / "superlink.pid").read_text())
         os.killpg(pid, signal.SIGKILL)
         run.notes["rounds_at_crash"] = checkpoint_rounds(run.state)
         run.notes["ledgers_at_crash"] = {
-            n: read_ledger(root / "state" / n / LEDGER_FILE).steps for n in SITES}
+            n: read_ledger(root / "state" / n / LEDGER_FILE).steps
+            for n in run.notes["survivors"]}  # type: ignore[attr-defined]
         run.notes["status_before_crash"] = json.loads(run.server("status", "--json").stdout)
         time.sleep(2)
         run.server("start")  # restarted: it must resume after round 2
         wait_for(lambda: 3 in checkpoint_rounds(run.state), 400, "round 3 after the restart")
         run.notes["status_after"] = json.loads(run.server("status", "--json").stdout)
+        run.notes["status_text"] = run.server("status").stdout
+        wait_for(lambda: "run finished" in (root / "hospital-a.log").read_text(errors="replace"),
+                 180, "the sites to hear that the run finished")
+        run_id = json.loads((run.state / "run.json").read_text())["run-id"]
+        run.notes["flwr_log"] = subprocess.run(
+            ["flwr", "log", str(run_id), "medmeta", "--show"], env=flower_env(run.state),
+            capture_output=True, text=True, timeout=120).stdout
+        run.notes["finished_again"] = run.server("start", check=False)
     finally:
         run.server("stop", check=False)
         for process in run.nodes.values():
@@ -177,9 +199,42 @@ def test_unregistered_node_is_refused(scenario: Scenario) -> None:
 
 
 def test_site_with_the_wrong_ca_cannot_connect(scenario: Scenario) -> None:
-    result = scenario.notes["wrong_ca"]
+    result = scenario.notes["check:wrong-ca"]
     assert result.returncode != 0  # type: ignore[attr-defined]
     assert "does not vouch for" in result.stderr  # type: ignore[attr-defined]
+
+
+def test_site_check_shakes_hands_and_names_each_key_problem(scenario: Scenario) -> None:
+    ok = scenario.notes["check:hospital-a"]
+    registered = json.loads((scenario.state / "sites.json").read_text())
+    assert ok.returncode == 0, ok.stderr  # type: ignore[attr-defined]
+    assert f"the SuperLink knows this site's key (node {registered['hospital-a']})" in \
+        ok.stdout  # type: ignore[attr-defined]
+    intruder = scenario.notes["check:intruder"]
+    assert intruder.returncode != 0  # type: ignore[attr-defined]
+    assert "does not accept site intruder's key" in intruder.stderr  # type: ignore[attr-defined]
+    swapped = scenario.notes["check:swapped-key"]
+    assert swapped.returncode != 0  # type: ignore[attr-defined]
+    assert "is the key of site 'hospital-b'" in swapped.stderr  # type: ignore[attr-defined]
+
+
+def test_operator_and_sites_see_names_rounds_and_the_end(scenario: Scenario) -> None:
+    view = scenario.notes["status_after"]["view"]  # type: ignore[index]
+    assert set(view["sites"]) == set(SITES)  # registered names, never node-<id>
+    assert view["sites"]["hospital-a"]["epsilon_budget"] == 50.0
+    text = str(scenario.notes["status_text"])
+    assert str(scenario.notes["dead"]) in text and "last report" in text and "of 50" in text
+    # The ServerApp's own lines reach `flwr log` (the restarted run did round 3).
+    logs = str(scenario.notes["flwr_log"])
+    assert "round 3/3: " in logs and "epsilon per site (spent/budget)" in logs
+    site_log = (scenario.root / "hospital-a.log").read_text(errors="replace")
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d medmeta INFO: site hospital-a: "
+                     r"round \d/3: trained 3 DP-SGD step\(s\)", site_log)
+    assert "run finished: 3 round(s) done" in site_log
+    assert "UserWarning" not in site_log and "Optimal order" not in site_log
+    again = scenario.notes["finished_again"]
+    assert again.returncode != 0  # type: ignore[attr-defined]
+    assert "already FINISHED: 3 of 3 rounds" in again.stderr  # type: ignore[attr-defined]
 
 
 def test_round_completes_without_the_dead_site(scenario: Scenario) -> None:
@@ -187,15 +242,15 @@ def test_round_completes_without_the_dead_site(scenario: Scenario) -> None:
     later = [r for r in metrics if r["phase"] == "train" and r["round"] >= 2]
     for record in later:
         assert record["accepted"] == 2
-        assert "hospital-c" not in record["sites"] or \
-            record["sites"]["hospital-c"]["status"] != "accepted"
+        dead = str(scenario.notes["dead"])
+        assert dead not in record["sites"] or record["sites"][dead]["status"] != "accepted"
 
 
 def test_restarted_server_resumed_without_repeating_or_losing(scenario: Scenario) -> None:
     assert scenario.notes["rounds_at_crash"] == [1, 2]
     assert scenario.notes["status_before_crash"]["rounds_done"] == 2  # type: ignore[index]
     assert scenario.notes["status_after"]["rounds_done"] == 3  # type: ignore[index]
-    for name in ("hospital-a", "hospital-b"):
+    for name in scenario.notes["survivors"]:  # type: ignore[attr-defined]
         ledger = read_ledger(scenario.root / "state" / name / LEDGER_FILE)
         # Every round the site trained is in its ledger once, with its steps, and the
         # epsilon it reports is the accountant's value for exactly those steps.

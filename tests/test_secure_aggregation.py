@@ -4,7 +4,8 @@ The same federation round is run with plain and with secure aggregation (DP off,
 that the sites' training is reproducible and the two can be compared): the secure
 meta-update equals the plain one within the quantisation error, also when one site
 dies after the key exchange, and the server never receives a site's update in the
-clear. Below the reconstruction threshold the round is aborted cleanly.
+clear. Below the reconstruction threshold the round fails cleanly: it is retried, and
+the run stops after ``server.max_failed_rounds`` attempts with nothing recorded as done.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medmeta.simulate import run_simulation
 from medmeta_common.config import FederationConfig, load_config
 from medmeta_common.errors import ConfigError
 from medmeta_common.protocol import TRAIN_METRICS
+from server.round_outcome import RoundsFailedError
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
 
@@ -69,9 +71,9 @@ def encoder_of(out: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.float64) for k, v in latest["encoder"].items()}
 
 
-def train_record(out: Path) -> dict[str, Any]:
+def train_record(out: Path, phase: str = "train") -> dict[str, Any]:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return next(r for r in lines if r["phase"] == "train")
+    return next(r for r in lines if r["phase"] == phase)
 
 
 def quantisation_bound(config: FederationConfig, record: dict[str, Any]) -> float:
@@ -134,18 +136,19 @@ def test_site_dying_after_key_exchange_is_unmasked_from_shares(
 
 
 @pytest.mark.slow
-def test_below_threshold_the_round_aborts_and_the_encoder_is_kept(tmp_path: Path) -> None:
+def test_below_threshold_the_round_fails_and_no_round_is_recorded(tmp_path: Path) -> None:
     shared_file("brain_tumor_mri/brain_tumor_mri_64.npz")
     config = write_config(tmp_path, "strict", secure=True, threshold=3)
-    simulate(config, tmp_path / "run", dead="chest")
-    record = train_record(tmp_path / "run")
-    assert record["aborted"] and record["accepted"] == 0
-    from medmeta_common.models.factory import build_encoder
-
-    initial = {k: v.numpy().astype(np.float64)
-               for k, v in build_encoder(config.model, config.image, config.seed)
-               .state_dict().items()}
-    assert largest_difference(initial, encoder_of(tmp_path / "run")) == 0.0
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_failed_rounds=2))
+    with pytest.raises(RoundsFailedError, match="round 1 failed 2 time"):
+        simulate(config, tmp_path / "run", dead="chest")
+    failed = [r for r in RunState(tmp_path / "run").read_metrics()]
+    assert [(r["phase"], r["round"], r["attempt"]) for r in failed] == [
+        ("failed", 1, 1), ("failed", 1, 2)]
+    assert failed[0]["aborted"] and failed[0]["accepted"] == 0
+    # The global encoder was never replaced: no round counts, no checkpoint exists.
+    assert RunState(tmp_path / "run").checkpoints() == []
 
 
 @pytest.mark.parametrize("setting", ["aggregator: median", "max_update_norm: 5.0",
@@ -178,17 +181,24 @@ def test_both_round_drivers_judge_a_reply_the_same_way(tmp_path: Path, secure: b
     monkeypatch.setattr(client.app, "train_round", leaky)
     shared_file("brain_tumor_mri/brain_tumor_mri_64.npz")
     config = write_config(tmp_path, "leak", secure=secure)
-    simulate(config, tmp_path / "run")
-    record = train_record(tmp_path / "run")
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                    max_failed_rounds=1))
+    if secure:
+        # The rejected reply is inside the masked sum: the round fails, nothing counts.
+        with pytest.raises(RoundsFailedError, match="chest: rejected: unexpected metrics"):
+            simulate(config, tmp_path / "run")
+        record = train_record(tmp_path / "run", phase="failed")
+        assert record["accepted"] == 0 and "rejected_sum" in record
+        assert RunState(tmp_path / "run").checkpoints() == []
+    else:
+        simulate(config, tmp_path / "run")
+        record = train_record(tmp_path / "run")
+        assert record["accepted"] == 2
+        from medmeta_common.models.factory import build_encoder
+
+        initial = {k: v.numpy().astype(np.float64)
+                   for k, v in build_encoder(config.model, config.image, config.seed)
+                   .state_dict().items()}
+        assert largest_difference(initial, encoder_of(tmp_path / "run")) > 0.0
     assert record["sites"]["chest"]["status"] == "rejected"
     assert record["sites"]["chest"]["reason"] == "unexpected metrics ['secret']"
-    from medmeta_common.models.factory import build_encoder
-
-    initial = {k: v.numpy().astype(np.float64)
-               for k, v in build_encoder(config.model, config.image, config.seed)
-               .state_dict().items()}
-    moved = largest_difference(initial, encoder_of(tmp_path / "run"))
-    if secure:
-        assert record["accepted"] == 0 and "rejected_sum" in record and moved == 0.0
-    else:
-        assert record["accepted"] == 2 and moved > 0.0

@@ -112,6 +112,11 @@ class MethodConfig:
         """Fewest accepted updates per round (default 2)."""
         return self.server.min_sites or 2
 
+    @property
+    def sites_to_wait_for(self) -> int:
+        """Connected sites a round waits for (``server.wait_for_sites``, at least min_sites)."""
+        return max(self.min_sites, self.server.wait_for_sites or 0)
+
     def method_hash(self) -> str:
         """Fingerprint of the method (round count excluded, so a run can be extended)."""
         return fingerprint({k: getattr(self, k) for k in METHOD_SECTIONS})
@@ -150,6 +155,9 @@ class FederationConfig(MethodConfig):
         check(self.min_sites <= len(self.sites), field="server.min_sites",
               expected=f"at most the number of sites ({len(self.sites)})",
               found=self.min_sites)
+        check(self.sites_to_wait_for <= len(self.sites), field="server.wait_for_sites",
+              expected=f"at most the number of sites ({len(self.sites)})",
+              found=self.server.wait_for_sites)
         self._check_aggregator()
         if self.train.loss == "protonet":
             privates = [s.name for s in self.sites if self.privacy_of(s).enabled]

@@ -111,7 +111,21 @@ class MetaUpdateConfig:
         evaluate message costs each site a process start, so larger values make rounds
         shorter.
     min_sites : int, optional
-        Fewest accepted updates for a meta-update (default 2, or 1 with one site).
+        Fewest accepted updates for a meta-update (default 2, or 1 with one site). A
+        round with fewer *fails*: it does not count (no meta-update, no checkpoint) and
+        is tried again.
+    wait_for_sites : int, optional
+        Connected sites a round waits for before it asks any to train (default:
+        ``min_sites``). With ``min_sites: 1, wait_for_sites: 3`` every round starts
+        with all three hospitals connected yet counts with one accepted update.
+    max_failed_rounds : int
+        Failed attempts of one round, in a row, after which the run stops with an error
+        naming each site's reason (default 3).
+    spare_rounds : int
+        Rounds of privacy budget each site keeps for retried rounds: sites calibrate
+        their noise for ``rounds + spare_rounds`` rounds (default 0: the planned rounds
+        spend the whole budget, and a site that trained in a failed attempt refuses
+        the last round rather than overspend). See docs/privacy.md.
     round_timeout : float
         Seconds a round waits for replies.
     aggregator : {"mean", "trimmed_mean", "median", "multikrum"}
@@ -143,6 +157,9 @@ class MetaUpdateConfig:
     fraction_evaluate: float = 1.0
     evaluate_every: int = 1
     min_sites: int | None = None
+    wait_for_sites: int | None = None
+    max_failed_rounds: int = 3
+    spare_rounds: int = 0
     round_timeout: float = 3600.0
     aggregator: Literal["mean", "trimmed_mean", "median", "multikrum"] = "mean"
     trim_fraction: float = 0.2
@@ -168,6 +185,13 @@ class MetaUpdateConfig:
               expected="a number in [0, 1]", found=self.fraction_evaluate)
         check(self.evaluate_every >= 1, field="evaluate_every", expected="1 or more (rounds)",
               found=self.evaluate_every)
+        check(self.wait_for_sites is None or self.wait_for_sites >= 1, field="wait_for_sites",
+              expected="at least 1 (or null: min_sites)", found=self.wait_for_sites)
+        check(self.max_failed_rounds >= 1, field="max_failed_rounds",
+              expected="1 or more (failed attempts of a round before the run stops)",
+              found=self.max_failed_rounds)
+        check(self.spare_rounds >= 0, field="spare_rounds", expected="0 or more (rounds)",
+              found=self.spare_rounds)
         check(self.min_sites is None or self.min_sites >= 1, field="min_sites",
               expected="at least 1 (or null: 2, or 1 for a one-site federation)",
               found=self.min_sites)

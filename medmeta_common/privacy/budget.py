@@ -45,7 +45,9 @@ class RoundBudget:
     steps : int
         DP-SGD steps this round.
     planned_steps : int
-        Steps of the whole run, for the one-off noise calibration.
+        Steps of the whole run, for the one-off noise calibration: the planned rounds
+        plus the server's spare rounds for retries (``server.spare_rounds``). A round
+        that failed at the server and is retried was still trained here and counts.
     units : int
         Privacy units in the site's training data (for the default δ).
     sample_rate : float
@@ -82,7 +84,8 @@ def guarded_round(budget: RoundBudget, train: Callable[[DPSettings], int],
                                     steps=budget.planned_steps, accountant=privacy.accountant)
             ledger.calibrated_noise = sigma
             ledger.save()
-        metrics.update({"dp": 1, "delta": delta, "noise-multiplier": sigma, "sample-rate": rate})
+        metrics.update({"dp": 1, "delta": delta, "noise-multiplier": sigma, "sample-rate": rate,
+                        "epsilon-budget": privacy.epsilon})
         after = ledger.epsilon_after(sigma, rate, budget.steps)
         if after > privacy.epsilon:
             log.warning("site %s: refusing round %d: epsilon would reach %.3f, above the "
