@@ -180,7 +180,7 @@ def pretrain(settings: PretrainSettings, out: Path) -> str:
         schedule.step()
         if step % max(1, settings.steps // 20) == 0 or step == settings.steps:
             log.info("pretrain step %d/%d: loss %.3f (%.0f s)", step, settings.steps,
-                     float(loss), time.monotonic() - started)
+                     loss.item(), time.monotonic() - started)
     freeze_statistics(model, pairs)
     atomic_torch_save(out, model.state_dict())
     sha = file_sha256(out)
