@@ -130,7 +130,7 @@ class MetaLearner:
         site = load_site(_data_config(data, split), self.meta.image)
         if shots is not None:
             site = _k_per_class(site, shots, seed)
-        defaults = ClassificationTask.adapt_defaults
+        defaults = ClassificationTask.adapt_defaults.for_backbone(self.meta.model.backbone)
         steps = defaults.finetune_steps if finetune_steps is None else finetune_steps
         return Classifier(adapt(self.meta, site, finetune_steps=steps,
                                 finetune=finetune or defaults.finetune))  # type: ignore[arg-type]

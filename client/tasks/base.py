@@ -23,7 +23,7 @@ with the data fields it cannot honour.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
@@ -32,6 +32,7 @@ import torch
 
 from medmeta_common.config import DataConfig, ImageConfig, TrainConfig
 from medmeta_common.errors import ConfigError
+from medmeta_common.models.factory import has_film
 from medmeta_common.privacy.dp_sgd import TaskLoss
 from medmeta_common.privacy.sampling import PoissonSampler, Sampler
 
@@ -113,6 +114,16 @@ class AdaptDefaults:
     finetune: Literal["head", "film", "all"] = "head"
     finetune_lr: float | None = None
     finetune_from_shots: int = 1
+
+    def for_backbone(self, backbone: str) -> AdaptDefaults:
+        """These defaults for a meta-model of ``backbone``.
+
+        FiLM fine-tuning needs BatchNorm layers (EfficientNet-Lite0); the small CNN
+        keeps the first release's default, prototypes alone over 200 episodes.
+        """
+        if self.finetune == "film" and not has_film(backbone):
+            return replace(self, episodes=200, finetune_steps=0, finetune="head")
+        return self
 
     def steps_for(self, shots: int, asked: int | None) -> int:
         """The fine-tuning steps of an adaptation with ``shots`` (``asked`` wins)."""

@@ -142,6 +142,8 @@ def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
     if request.ways is None:
         raise ConfigError(source="--ways", field="ways", expected="the number of classes per "
                           "episode (required for classification)", found="nothing")
+    meta = load_meta_model(request.checkpoint)
+    defaults = defaults.for_backbone(meta.model.backbone)
     steps = defaults.steps_for(request.shots, request.finetune_steps)
     mode = request.finetune or defaults.finetune
     fewshot = build(FewShotConfig, {"ways": request.ways, "shots": request.shots,
@@ -149,7 +151,6 @@ def adapt_command(request: AdaptRequest, defaults: AdaptDefaults
                                     "episodes": request.episodes or defaults.episodes,
                                     "finetune_steps": steps,
                                     "finetune_lr": defaults.finetune_lr}, source="command line")
-    meta = load_meta_model(request.checkpoint)
     result = evaluate_site(meta, request.data, fewshot, seed=request.seed,
                            finetune=mode)
     if request.save is not None:

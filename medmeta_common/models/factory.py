@@ -70,6 +70,11 @@ def build_encoder(model: ModelConfig, image: ImageConfig, seed: int, *,
     return encoder
 
 
+def has_film(backbone: str) -> bool:
+    """Whether ``backbone`` has BatchNorm scale/shift (FiLM) parameters to train alone."""
+    return backbone == "efficientnet_lite0"
+
+
 def trainable_names(encoder: torch.nn.Module, trainable: str) -> list[str]:
     """The parameters of ``encoder`` in the trainable set, in registration order."""
     names = [name for name, _ in encoder.named_parameters()]
