@@ -6,6 +6,7 @@ episode adapts on the K support slices and scores Dice on 10 disjoint query slic
 (20 seeded episodes, the same for every encoder; mean and 95% interval):
 
   (a) scratch         a random encoder + decoder, both trained on the support tiles
+                      (with model.weights: imagenet, "(a) prior": the public prior)
   (b) classification  the encoder of a federation of the classification sites only of
                       configs/multitask.yaml (same rounds, steps and epsilon)
   (c) multi-task      the encoder of the whole multi-task federation (classification
@@ -69,7 +70,9 @@ def main() -> None:
           f"federations of {config.rounds} rounds x {config.train.local_steps} steps, "
           f"epsilon {config.privacy.epsilon:g}; {episodes} episodes, {steps} adaptation steps; "
           f"torch {torch.__version__}, {platform.machine()}, 1 thread", flush=True)
-    encoders = {"(a) scratch": build_encoder(config.model, config.image, config.seed)}
+    # (a) is the federation's starting encoder: the public prior, or random weights.
+    start = "(a) scratch" if config.model.weights == "none" else "(a) prior"
+    encoders = {start: build_encoder(config.model, config.image, config.seed)}
     with tempfile.TemporaryDirectory(prefix="medmeta-seg-") as tmp:
         for name, federation in (("(b) classification", classification_only),
                                  ("(c) multi-task", config)):
@@ -80,10 +83,10 @@ def main() -> None:
     print("| encoder | adapted | K=1 Dice | K=5 Dice | K=1 Dice, foreground slices | "
           "K=5 Dice, foreground slices |")
     print("|---|---|---|---|---|---|")
-    rows = [("(a) scratch", "all")] + [(n, mode) for n in ("(b) classification",
+    rows = [(start, "all")] + [(n, mode) for n in ("(b) classification",
                                                            "(c) multi-task")
                                        for mode in ("decoder", "all")]
-    rows.append(("(a) scratch", "decoder"))
+    rows.append((start, "decoder"))
     for name, mode in rows:
         cells, foreground = [], []
         for shots in (1, 5):
@@ -93,7 +96,9 @@ def main() -> None:
             cells.append(f"{r.dice_mean:.3f} ± {r.dice_ci95:.3f}")
             foreground.append(f"{r.foreground_dice_mean:.3f} ± {r.foreground_dice_ci95:.3f}")
         cells += foreground
-        label = "untrained encoder" if name == "(a) scratch" and mode == "decoder" else name
+        label = name
+        if name == start and mode == "decoder":
+            label = "untrained encoder" if start == "(a) scratch" else "(a) prior, frozen"
         print(f"| {label} | {mode} | {' | '.join(cells)} |", flush=True)
 
 

@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--backbone", default="efficientnet_lite0",
                         choices=("small", "large", "efficientnet_lite0"))
-    parser.add_argument("--trainable", default="film", choices=("all", "film", "film_last_stage"))
+    parser.add_argument("--trainable", default="film",
+                        choices=("all", "film", "film_shift", "film_last_stage"))
     # Defaults: the shipped method (configs/benchmark.yaml).
     parser.add_argument("--pool", default="5", help="pooled feature maps (lite0), comma list")
     parser.add_argument("--batch", type=int, default=128)

@@ -186,6 +186,9 @@ def test_only_the_trainable_set_travels() -> None:
     assert all(".film." in name for name in film)
     assert sent == 42016 and sent / trunk < 0.05
     assert set(trainable_arrays(encoder, "film")) == set(film)
+    shift = trainable_layout(encoder, "film_shift")
+    assert set(shift) < set(film) and all(n.endswith(".film.bias") for n in shift)
+    assert 2 * sum(int(np.prod(shape)) for shape, _ in shift.values()) == sent
     last = trainable_layout(encoder, "film_last_stage")
     assert set(film) < set(last) and any(n.startswith("head.") for n in last)
     assert all(isinstance(m, ChannelAffine) for n, m in encoder.named_modules()

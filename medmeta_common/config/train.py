@@ -31,11 +31,12 @@ class TrainConfig:
     augment_multiplicity : int
         Augmented views of each sampled record per step; under DP the record's
         gradient is the mean over its views, clipped once (De et al. 2022).
-    trainable : {"all", "film", "film_last_stage"}
+    trainable : {"all", "film", "film_shift", "film_last_stage"}
         Which encoder parameters the sites train, send and the server meta-updates
         (:mod:`medmeta_common.models.factory`): every one (``all``, the CNNs trained from
         scratch), or, on EfficientNet-Lite0, its BatchNorm scale and shift (``film``)
-        and optionally its last block group and head (``film_last_stage``). The rest
+        (``film``), only its shift (``film_shift``: half the coordinates, DP-BiTFiT
+        style), or FiLM and its last block group and head (``film_last_stage``). The rest
         stays the public prior's at every site.
     head : {"train", "frozen"}
         Train the site's cosine head with the encoder, or keep it at its random,
@@ -57,7 +58,7 @@ class TrainConfig:
     momentum: float = 0.9
     augment: bool = True
     augment_multiplicity: int = 1
-    trainable: Literal["all", "film", "film_last_stage"] = "all"
+    trainable: Literal["all", "film", "film_shift", "film_last_stage"] = "all"
     head: Literal["train", "frozen"] = "train"
     rotation_weight: float = 0.0
     shots: int = 5

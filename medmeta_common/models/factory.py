@@ -9,6 +9,8 @@ sent, screened and meta-updated; the rest stays the prior's everywhere.
 - ``film``: EfficientNet-Lite0's BatchNorm scale and shift (FiLM; Perez et al. 2018) —
   about 42 thousand of its 3.4 million parameters (Shysheya et al. 2023, FiT;
   Tobaben et al. 2023);
+- ``film_shift``: only the FiLM shifts (BatchNorm biases; Bu et al. 2022, DP-BiTFiT):
+  half of FiLM's coordinates;
 - ``film_last_stage``: FiLM and the last block group and head.
 """
 
@@ -86,6 +88,8 @@ def trainable_names(encoder: torch.nn.Module, trainable: str) -> list[str]:
     film = [n for n in names if ".film." in n]
     if trainable == "film":
         return film
+    if trainable == "film_shift":
+        return [n for n in film if n.endswith(".bias")]
     if trainable == "film_last_stage":
         last = f"stages.{len(encoder.stages) - 1}."
         return [n for n in names if n in film or n.startswith((last, "head."))]
