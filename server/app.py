@@ -199,14 +199,18 @@ def production_main(grid: Grid, context: Context) -> None:
     With ``server-config`` (deployment) the operator's state directory is resumed when
     it holds checkpoints, so restarting the server continues where it stopped. Without
     it, the ``federation`` YAML runs in Flower's simulation runtime
-    (:func:`server.flwr_simulation.run_simulated_federation`).
+    (:func:`server.flwr_simulation.prepare_simulated_federation`).
     """
     log_in_flower_process()
     path = str(context.run_config.get("server-config", ""))
     if not path:
-        from server.flwr_simulation import run_simulated_federation
+        from server.flwr_simulation import prepare_simulated_federation
 
-        run_simulated_federation(grid, context, rounds=rounds_override(context))
+        federation, out_dir, resume = prepare_simulated_federation(
+            grid, context, rounds=rounds_override(context))
+        run_federation(grid, federation, out_dir, resume=resume)
+        log.info("meta-model: %s; adapt a new site with: medmeta adapt --checkpoint %s "
+                 "--data DATA --ways N --shots K", RunState(out_dir).checkpoint_dir, out_dir)
         return
     from medmeta_common.config.deploy import load_server_config
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid
@@ -77,10 +78,12 @@ def fit_to_nodes(config: FederationConfig, nodes: int) -> FederationConfig:
     return config
 
 
-def run_simulated_federation(grid: Grid, context: Context, *, rounds: int | None) -> int:
-    """Run the run config's federation on Flower's simulation grid; the last round done."""
-    from server.app import run_federation
+def prepare_simulated_federation(grid: Grid, context: Context, *, rounds: int | None
+                                  ) -> tuple[FederationConfig, Path, bool]:
+    """The run config's federation fitted to the nodes, its run directory, and resume.
 
+    :func:`server.app.production_main` then runs it (this module never imports the app).
+    """
     path = federation_path(context.run_config)
     config = load_config(path)
     if rounds is not None:
@@ -96,7 +99,4 @@ def run_simulated_federation(grid: Grid, context: Context, *, rounds: int | None
     state.record_config(config)
     announce_site_privacy(config)
     log.info("run directory: %s (checkpoints, metrics, the sites' privacy ledgers)", out_dir)
-    done = run_federation(grid, config, out_dir, resume=resume)
-    log.info("meta-model: %s; adapt a new site with: medmeta adapt --checkpoint %s --data "
-             "DATA --ways N --shots K", state.checkpoint_dir, out_dir)
-    return done
+    return config, out_dir, resume
