@@ -75,8 +75,10 @@ def test_control_leaks_and_dp_run_stays_below_its_claim(bccd_npz: Path) -> None:
 
 @pytest.mark.slow
 def test_noise_switched_off_makes_the_audit_fail(bccd_npz: Path) -> None:
-    result, report = _audit("--data", str(bccd_npz), "--epsilon", "1", "--no-control",
+    # Noise off, clipping on: the same run as the control, which leaks about epsilon 1
+    # (0.97 to 1.1 across machines), so a claim of 0.5 must be caught with margin.
+    result, report = _audit("--data", str(bccd_npz), "--epsilon", "0.5", "--no-control",
                             "--noise-multiplier", "0")
-    assert report["runs"]["dp"]["epsilon_lower_bound"] > 1.0
+    assert report["runs"]["dp"]["epsilon_lower_bound"] > 0.5
     assert result.returncode == 7 and not report["passed"]
-    assert "exceeds the claimed epsilon 1" in result.stderr
+    assert "exceeds the claimed epsilon 0.5" in result.stderr
