@@ -3,7 +3,8 @@
 ``read_raw`` finds the format, decodes (for segmentation: image/mask pairs, sliced and
 tiled), and selects the split, classes and partition, under the configured bad-file
 policy; ``load_site`` (classification) and ``load_segmentation`` also harmonise the
-images (see :mod:`.transforms`).
+images (see :mod:`.transforms`). ``load_detection`` reads images with boxes (Pascal VOC,
+COCO JSON or a CSV of boxes, :mod:`.detection`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from pathlib import Path
 
 from medmeta_common.config import SYNTHETIC_PREFIX, DataConfig, ImageConfig
 from medmeta_common.config.tasks import DEFAULT_TILE, TaskName, frames_for
+from medmeta_common.data.detection import (
+    Annotations,
+    DetectionData,
+    Entry,
+    build_detection,
+    read_annotations,
+)
 from medmeta_common.data.folders import class_folders, read_class_folders
 from medmeta_common.data.issues import IssueLog
 from medmeta_common.data.manifest import read_manifest_folder
@@ -157,3 +165,55 @@ def _empty_reason(raw: RawSite, data: DataConfig) -> str:
             f"{i.file}: {i.reason}" for i in raw.issues[:3]) + ")"
     return f"no images in split {data.split!r}" if data.split else "no images found"
 
+
+
+def load_detection(data: DataConfig, image: ImageConfig, *, tile: int | None = None,
+                   issues: IssueLog | None = None) -> DetectionData:
+    """Read, select and harmonise a detection site; :class:`DataError` when nothing is usable.
+
+    Split, partition and classes are chosen per source image (or patient) before any
+    image is read, so a bad image outside the selection costs nothing and is not
+    reported; see :mod:`.detection` for the layouts, the box checks and tiling.
+    """
+    issues = issues or IssueLog(data.policy)
+    if data.is_builtin:
+        raise DataError(data.path, "the built-in demo has no detection data; give a Pascal VOC "
+                        "folder, a COCO .json file or a folder with boxes.csv")
+    site = read_annotations(Path(data.path), manifest=data.manifest, split=data.split,
+                            issues=issues)
+    classes = data.classes or site.classes
+    missing = [c for c in classes if c not in site.classes]
+    if missing:
+        raise DataError(data.path, f"class(es) {missing} not found; the source has "
+                        f"{list(site.classes)}")
+    entries = _select_detection(site, data)
+    result = build_detection(site, entries, classes=tuple(classes), size=image.size,
+                             channels=image.channels, intensity=image.intensity, tile=tile,
+                             issues=issues)
+    if not len(result):
+        if issues.issues:
+            reason = f"no usable images ({len(issues.issues)} bad file(s): " + "; ".join(
+                f"{i.file}: {i.reason}" for i in issues.issues[:3]) + ")"
+        elif data.split is not None:
+            listed = f" ({site.split_list} lists none)" if site.split_list is not None else ""
+            reason = f"no images in split {data.split!r}{listed}"
+        else:
+            reason = "no annotated images found"
+        raise DataError(data.path, reason)
+    return result
+
+
+def _select_detection(site: Annotations, data: DataConfig) -> list[Entry]:
+    """The source images of ``data.split`` and ``data.partition`` (never cutting a group)."""
+    entries = site.entries
+    if data.split is not None:
+        if site.split_list is not None or (entries and all(e.split for e in entries)):
+            entries = [e for e in entries if e.split == data.split]
+        else:
+            names = split_by_group([e.group for e in entries], seed=data.split_seed)
+            entries = [e for e, s in zip(entries, names, strict=True) if s == data.split]
+    if data.partition is not None and entries:
+        p = data.partition
+        keep = partition_by_group([e.group for e in entries], p.parts, p.index, p.seed)
+        entries = [entries[i] for i in keep]
+    return entries
