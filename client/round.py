@@ -45,7 +45,7 @@ class TrainOutcome:
 
 def freeze_unreachable(encoder: SharedEncoder, task: Task) -> None:
     """Freeze the parameters no gradient of ``task`` reaches (stages past its pooled ones)."""
-    unused = set(encoder.unused_by(task.encoder_output))
+    unused = set(task.unreachable(encoder))
     for name, param in encoder.named_parameters():
         if name in unused:
             param.requires_grad_(False)

@@ -41,6 +41,10 @@ def preflight(config: SiteDeployConfig) -> None:
         if not (folder / config.data.manifest).is_file() and not find_pairs(folder):
             raise DataError(config.data.path, "no image/mask pairs found for this "
                             "segmentation site (see docs/data.md, segmentation layouts)")
+    elif config.task == "detection":
+        from medmeta_common.data.detection import detect_detection_format
+
+        detect_detection_format(Path(config.data.path), config.data.manifest)
     elif not config.data.is_builtin:
         detect_format(Path(config.data.path), config.data.manifest)
     state = Path(config.state_dir)

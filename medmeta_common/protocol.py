@@ -31,7 +31,7 @@ TRAIN_METRICS = frozenset({
     "sample-rate", "refused", "train-loss", "dp", "compute-seconds", "epsilon-budget",
 })
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, "accuracy", "accuracy-ci95", "episodes", "ways",
-                              "dice", "dice-ci95"})
+                              "dice", "dice-ci95", "map50", "map"})
 
 
 def layout_of(encoder: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:

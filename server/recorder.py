@@ -104,3 +104,7 @@ class RunRecorder:
         if dice:
             log.info("round %d/%d: segmentation validation Dice %s", round_number,
                      self.config.rounds, ", ".join(f"{s} {d:.3f}" for s, d in dice.items()))
+        boxes = {s: m["map50"] for s, m in record["sites"].items() if "map50" in m}
+        if boxes:
+            log.info("round %d/%d: detection validation mAP@0.5 %s", round_number,
+                     self.config.rounds, ", ".join(f"{s} {d:.3f}" for s, d in boxes.items()))

@@ -160,7 +160,7 @@ def _add_record(view: RunView, record: dict[str, Any]) -> None:
         if isinstance(record.get("accuracy_mean"), (int, float)):
             view.curve[number] = float(record["accuracy_mean"])
         for name, metrics in record.get("sites", {}).items():
-            value = metrics.get("accuracy", metrics.get("dice"))
+            value = metrics.get("accuracy", metrics.get("dice", metrics.get("map50")))
             if isinstance(value, (int, float)):
                 view.site_curves.setdefault(name, {})[number] = float(value)
         return

@@ -99,6 +99,7 @@ class RunTracker:
         for site, metrics in record.get("sites", {}).items():
             values[f"validation/accuracy/{site}"] = metrics.get("accuracy")
             values[f"validation/dice/{site}"] = metrics.get("dice")
+            values[f"validation/map50/{site}"] = metrics.get("map50")
         self._scalars(int(record["round"]), values)
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ def _lazy(module: str, cls: str) -> Callable[[], Task[Any]]:
 
 register("classification", _lazy("client.tasks.classification", "ClassificationTask"))
 register("segmentation", _lazy("client.tasks.segmentation", "SegmentationTask"))
+register("detection", _lazy("client.tasks.detection", "DetectionTask"))
 
 
 def get_task(name: str) -> Task[Any]:

@@ -206,6 +206,10 @@ class Task(ABC, Generic[D]):
              generator: torch.Generator, device: torch.device, amp: bool) -> TaskLoss:
         """The batch loss: a sum of per-row terms (see :class:`~.dp_sgd.BatchLoss`)."""
 
+    def unreachable(self, encoder: SharedEncoder) -> list[str]:
+        """Encoder parameters this task's loss never reaches (frozen for its rounds)."""
+        return encoder.unused_by(self.encoder_output)
+
     def after_training(self, model: torch.nn.Module) -> None:
         """Undo any training-only state (e.g. frozen parameters)."""
         return None  # nothing to undo by default

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from medmeta_common.config.data import DataConfig
 from medmeta_common.config.typed import check
 
-TaskName = Literal["classification", "segmentation"]
+TaskName = Literal["classification", "segmentation", "detection"]
 TASKS: tuple[str, ...] = get_args(TaskName)
 
 # A site's ``tile`` when it does not set one (segmentation: the tile side, in pixels).
@@ -53,6 +53,14 @@ TASK_FIELDS: dict[str, TaskFields] = {
                          "image/mask files; give patient ids in the folder's manifest",
         },
         tiles=True, frames="all"),
+    "detection": TaskFields(
+        refused={
+            "group_key": "it names an array of a plain .npz file, and detection data are "
+                         "image files with box annotations; give patient ids in a boxes.csv "
+                         "patient_id column",
+            "frames": "detection reads 2-D images (one frame each)",
+        },
+        tiles=True, frames="middle"),
 }
 
 

@@ -25,11 +25,13 @@ SENT = [
      + ", ".join(sorted(TRAIN_METRICS - {"train-loss"}))
      + " (train-loss only when DP is off)"),
     ("evaluate reply, when asked",
-     "few-shot accuracy on the validation patients and the number of validation images: "
+     "the validation metric of the site's task on its validation patients (classification: "
+     "few-shot accuracy; segmentation: Dice; detection: mAP@0.5 as map50 and mAP@[.5:.95] "
+     "as map) and the number of validation images: "
      + ", ".join(sorted(EVALUATE_METRICS)) + " (not covered by the DP guarantee)"),
     ("query reply, once per connection", "the site's name"),
-    ("never", "images, labels, patient identifiers, per-record gradients, the site's "
-              "classifier head, the privacy ledger"),
+    ("never", "images, labels, boxes, masks, patient identifiers, per-record gradients, "
+              "the site's classifier head, decoder or detection head, the privacy ledger"),
 ]
 
 

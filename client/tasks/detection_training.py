@@ -1,0 +1,143 @@
+"""Training pieces of a detection site: the per-image loss with flips, mAP, and fine-tuning.
+
+Shared by the detection plugin (:mod:`client.tasks.detection`, federated rounds through
+the one DP-SGD loop) and its adaptation at a new site (:mod:`client.tasks.detection_adapt`).
+The loss's DP argument is in :mod:`medmeta_common.models.detection`. mAP comes from
+MONAI's COCO metric (``monai.apps.detection.metrics``), not our own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.apps.detection.metrics.coco import COCOMetric
+from monai.apps.detection.metrics.matching import matching_batch
+from monai.data.box_utils import box_iou
+
+from medmeta_common.data.detection import DetectionData
+from medmeta_common.models.detection import (
+    Detections,
+    Detector,
+    decode,
+    make_targets,
+    per_image_loss,
+)
+from medmeta_common.models.factory import freeze_all_but
+from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss, train_steps
+from medmeta_common.privacy.sampling import Draw, FixedBatchSampler
+
+MAP50 = "map50"
+MAP = "map"  # mAP@[.5:.95]
+EVAL_BATCH = 64
+MAX_DET = 100
+
+
+def batch_boxes(data: DetectionData, index: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes, labels and batch rows of the data rows at ``index`` (in that order)."""
+    position = np.full(len(data), -1, dtype=np.int64)
+    position[index] = np.arange(len(index))
+    keep = position[data.box_rows] >= 0
+    return (torch.from_numpy(data.boxes[keep]).float(),
+            torch.from_numpy(data.box_labels[keep]).long(),
+            torch.from_numpy(position[data.box_rows[keep]]))
+
+
+def flip_boxes(images: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal and vertical flips drawn per image, its boxes flipped with it."""
+    size = images.shape[-1]
+    for dim, (low, high) in ((-1, (0, 2)), (-2, (1, 3))):
+        flip = torch.rand(len(images), generator=generator) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(dim), images)
+        flipped = boxes.clone()
+        flipped[:, low], flipped[:, high] = size - boxes[:, high], size - boxes[:, low]
+        boxes = torch.where(flip[rows][:, None], flipped, boxes)
+    return images, boxes
+
+
+def batch_loss(output: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+               rows: torch.Tensor, *, classes: int, input_size: int) -> torch.Tensor:
+    """The summed per-image loss of a forward pass ``output`` against its boxes."""
+    grid = (output.shape[-2], output.shape[-1])
+    device = output.device
+    targets = make_targets(boxes.to(device), labels.to(device), rows.to(device),
+                           batch=len(output), classes=classes, grid=grid,
+                           stride=input_size / grid[1])
+    return per_image_loss(output, targets).sum()
+
+
+def detection_loss(data: DetectionData, generator: torch.Generator,
+                   device: torch.device) -> TaskLoss:
+    """The batch loss: flipped rows, summed per-image detection loss."""
+    images = torch.from_numpy(data.images)
+    classes, size = len(data.classes), data.images.shape[-1]
+
+    def loss(trained: torch.nn.Module, draw: Draw) -> BatchLoss:
+        boxes, labels, rows = batch_boxes(data, draw.index)
+        batch, boxes = flip_boxes(images[draw.index], boxes, rows, generator)
+        total = batch_loss(trained(batch.to(device)), boxes, labels, rows,
+                           classes=classes, input_size=size)
+        return BatchLoss(total, len(draw.index))
+
+    return loss
+
+
+def detect(forward: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray,
+           classes: int, device: torch.device) -> list[Detections]:
+    """Detections of every image, in batches, without gradients."""
+    results: list[Detections] = []
+    with torch.no_grad():
+        for start in range(0, len(images), EVAL_BATCH):
+            batch = torch.from_numpy(images[start:start + EVAL_BATCH]).to(device)
+            output = forward(batch)
+            results.extend(decode(output, classes, images.shape[-1] / output.shape[-1]))
+    return results
+
+
+def mean_average_precision(detections: Sequence[Detections], data: DetectionData
+                           ) -> dict[str, float]:
+    """mAP@0.5 and mAP@[.5:.95] (MONAI's COCO metric, 100 detections per image)."""
+    metric = COCOMetric(classes=list(data.classes), iou_list=(0.5,),
+                        iou_range=(0.5, 0.95, 0.05), max_detection=(MAX_DET,),
+                        per_class=False, verbose=False)
+    truth = [data.boxes_of(row) for row in range(len(data))]
+    matches = matching_batch(box_iou, list(metric.iou_thresholds),  # type: ignore[arg-type]
+                             [d.boxes for d in detections], [d.labels for d in detections],
+                             [d.scores for d in detections], [b for b, _ in truth],
+                             [labels for _, labels in truth], max_detections=MAX_DET)
+    scores = metric(matches)[0]
+    return {MAP50: max(0.0, float(scores[f"AP_IoU_0.50_MaxDet_{MAX_DET}"])),
+            MAP: max(0.0, float(scores[f"mAP_IoU_0.50_0.95_0.05_MaxDet_{MAX_DET}"]))}
+
+
+def detector_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam on the head and on the encoder parameters that require gradients."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def fit_detector(model: Detector, data: DetectionData, *, steps: int, batch_size: int,
+                 lr: float, seed: int, device: torch.device,
+                 encoder_part: Literal["none", "film", "all"] = "none") -> float:
+    """Non-private fine-tuning at a new site: ``steps`` Adam steps; the mean loss.
+
+    The head always trains; of the encoder, nothing, its FiLM parameters, or all.
+    """
+    flags = [p.requires_grad for p in model.encoder.parameters()]
+    if encoder_part == "none":
+        model.encoder.requires_grad_(False)
+    else:
+        freeze_all_but(model.encoder, encoder_part)
+    model.to(device).train()
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    stats = train_steps(model, detector_optimizer(model, lr),
+                        FixedBatchSampler(len(data), batch_size, rng),
+                        detection_loss(data, generator, device), steps=steps, dp=None,
+                        device=device, reduction="sum")
+    for param, flag in zip(model.encoder.parameters(), flags, strict=True):
+        param.requires_grad_(flag)
+    return stats.mean_loss
