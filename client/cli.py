@@ -92,13 +92,19 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     adapt.add_argument("--task", choices=TASKS,
                        default="classification",
                        help="segmentation: --data is a folder of image/mask pairs or volumes "
-                       "(docs/data.md); a decoder is adapted and Dice reported")
+                       "(docs/data.md), a decoder is adapted and Dice reported; detection: "
+                       "--data is a Pascal VOC folder, a COCO JSON or a folder with boxes.csv, "
+                       "--shots annotated images train a head and mAP@0.5 is reported")
     adapt.add_argument("--ways", type=int, default=None,
                        help="classes per episode (N; classification only, required there)")
-    adapt.add_argument("--shots", type=int, required=True, help="labelled images per class (K)")
-    adapt.add_argument("--queries", type=int, default=15, help="query images per class")
+    adapt.add_argument("--shots", type=int, required=True,
+                       help="labelled images per class (K); segmentation and detection: "
+                       "annotated images")
+    adapt.add_argument("--queries", type=int, default=15,
+                       help="query images per class (detection: every other image is a query)")
     adapt.add_argument("--episodes", type=int, default=None,
-                       help="episodes to average over (default 200; segmentation 20)")
+                       help="episodes to average over (default: classification 60 with "
+                       "FiLM fine-tuning, else 200; segmentation 20; detection 10)")
     adapt.add_argument("--finetune-steps", type=int, default=None,
                        help="fine-tuning steps on the support images (default 0: prototypes "
                        "only; segmentation: 100 decoder steps)")
@@ -108,7 +114,9 @@ def register(commands: Commands, certs_commands: Commands) -> None:
                        "efficientnet_lite0), or with the whole encoder (default: the task's "
                        "measured best, docs/method.md)")
     adapt.add_argument("--tile", type=int, default=DEFAULT_TILE,
-                       help="segmentation: tile size for large 2-D images")
+                       help="segmentation and detection: images whose longest side exceeds 1.5 "
+                       "tiles are cut into tiles of this many pixels (detection: choose it so "
+                       "objects are 1/10 to 1/3 of a tile, docs/data.md)")
     adapt.add_argument("--seed", type=int, default=0, help="seed of the episode draw")
     adapt.add_argument("--policy", choices=("lenient", "strict"), default="lenient",
                        help="bad files: skip and report (lenient) or stop (strict)")
@@ -124,7 +132,8 @@ def register(commands: Commands, certs_commands: Commands) -> None:
     predict.add_argument("--input", type=Path, required=True, help="an image file or a folder")
     predict.add_argument("--out", type=Path, default=None,
                          help="CSV file (default: stdout); for a segmentation model, the "
-                         "folder for the masks and masks.csv")
+                         "folder for the masks and masks.csv; for a detection model, the "
+                         "folder for boxes.csv, boxes.json and overlays/")
     predict.set_defaults(handler=run_predict)
 
     privacy_cli.register(commands)
