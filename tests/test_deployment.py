@@ -1,5 +1,6 @@
 """Production on loopback, with real processes: a TLS SuperLink with node authentication,
-three SuperNodes on real data, a site dying mid-run, the server killed and restarted.
+four SuperNodes on real data (three classification sites and a detection site on BCCD
+blood smears), a site dying mid-run, the server killed and restarted.
 
 One scenario (module fixture) runs three rounds: after round 1 one SuperNode is
 killed; after round 2 the whole server (SuperLink and ServerApp) is killed and started
@@ -32,10 +33,13 @@ pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "medmeta.cli"]
 SITES = {
+    "detection-lab": "bccd/BCCD",
     "hospital-a": "brain_tumor_mri/brain_tumor_mri_64.npz",
     "hospital-b": "pbc_blood/pbc_blood_5class_28.npz",
     "hospital-c": "medmnist/pneumoniamnist_28.npz",
 }
+# What a site's YAML adds to its data path (the detection site: its task and tiles).
+SITE_EXTRAS = {"detection-lab": ("task: detection\ntile: 240\n", "split: train, ")}
 
 
 def free_port() -> int:
@@ -103,9 +107,10 @@ sites:
     site_yamls = {}
     for name, data in [*SITES.items(), ("intruder", "medmnist/breastmnist_28.npz")]:
         site_yaml = root / f"{name}.yaml"
+        task, data_extra = SITE_EXTRAS.get(name, ("", ""))
         site_yaml.write_text(f"""kind: site
 name: {name}
-data: {{path: {SHARED_DATA / data}, partition: {{parts: 12, index: 0}}}}
+{task}data: {{path: {SHARED_DATA / data}, {data_extra}partition: {{parts: 12, index: 0}}}}
 state_dir: state/{name}
 privacy: {{epsilon: 50.0, noise_multiplier: 1.0}}
 superlink: 127.0.0.1:{port}
@@ -241,7 +246,7 @@ def test_round_completes_without_the_dead_site(scenario: Scenario) -> None:
     metrics = RunState(scenario.state).read_metrics()
     later = [r for r in metrics if r["phase"] == "train" and r["round"] >= 2]
     for record in later:
-        assert record["accepted"] == 2
+        assert record["accepted"] == len(SITES) - 1
         dead = str(scenario.notes["dead"])
         assert dead not in record["sites"] or record["sites"][dead]["status"] != "accepted"
 
@@ -259,3 +264,19 @@ def test_restarted_server_resumed_without_repeating_or_losing(scenario: Scenario
         assert ledger.epsilon == pytest.approx(epsilon_of(ledger.history, ledger.delta,
                                                                  ledger.accountant))
         assert [r.round for r in ledger.rounds][-1] == 3
+
+
+def test_the_detection_site_trains_and_reports_map_through_the_deployment(
+        scenario: Scenario) -> None:
+    if scenario.notes["dead"] == "detection-lab":
+        pytest.skip("the detection site was the one killed in this run")
+    metrics = RunState(scenario.state).read_metrics()
+    trained = [r["sites"]["detection-lab"] for r in metrics if r["phase"] == "train"
+               and "detection-lab" in r["sites"]]
+    assert trained and all(s["status"] == "accepted" and s["dp"] == 1 for s in trained)
+    evaluated = [r["sites"]["detection-lab"] for r in metrics if r["phase"] == "evaluate"
+                 and "detection-lab" in r["sites"]]
+    assert evaluated and all(0 <= s["map50"] <= 1 and "accuracy" not in s for s in evaluated)
+    state = scenario.root / "state" / "detection-lab"
+    assert (state / "detection_head.pt").exists()  # the head stays at the site
+    assert len(read_ledger(state / LEDGER_FILE).rounds) == len(trained)
