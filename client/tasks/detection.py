@@ -26,16 +26,16 @@ import numpy as np
 import torch
 
 from client.settings import RoundSettings, SiteRuntime
-from client.tasks.base import AdaptDefaults, AdaptRequest, Metrics, SamplingPlan, Task, patients_of
+from client.tasks.base import AdaptDefaults, AdaptRequest, Metrics
+from client.tasks.dense import DenseTask, load_site_part
 from client.tasks.detection_training import (
     MAP,
     MAP50,
     detect,
     detection_loss,
-    detector_optimizer,
     mean_average_precision,
 )
-from medmeta_common.checkpoint import atomic_torch_save, torch_load
+from medmeta_common.checkpoint import atomic_torch_save
 from medmeta_common.config import DataConfig, ImageConfig, TrainConfig
 from medmeta_common.data.detection import DetectionData
 from medmeta_common.data.sources import load_detection
@@ -47,24 +47,19 @@ from medmeta_common.models.detection import (
 )
 from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.privacy.dp_sgd import TaskLoss
-from medmeta_common.privacy.sampling import FixedBatchSampler, Sampler, poisson_rate
 from medmeta_common.protocol import NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "detection_head.pt"
-# Adam on the head and encoder, as for segmentation (the classification SGD lr does not carry).
-DETECTION_LR = 1e-3
 
 
-class DetectionTask(Task[DetectionData]):
+class DetectionTask(DenseTask[DetectionData]):
     """Images (or tiles) with labelled boxes; see the module docstring."""
 
     name = "detection"
     record = "one source image (a large image with all its tiles)"
     rows = "images/tiles"
-    reduction = "sum"
-    encoder_output = "features"
     # Head-only adaptation on cached frozen features (benchmarks/detection.py).
     adapt_defaults = AdaptDefaults(episodes=10, finetune_steps=300, finetune="head")
 
@@ -79,11 +74,6 @@ class DetectionTask(Task[DetectionData]):
     def validation_groups(self, site_name: str, data: DetectionData) -> np.ndarray:
         """Patients, else source images: tiles of one image stay on one side."""
         return data.groups
-
-    def privacy_units(self, data: DetectionData, unit: str, *,
-                      source: str) -> np.ndarray | None:
-        """Source images (``image``) or the data's patients (``patient``)."""
-        return data.sources if unit == "image" else patients_of(data, source=source)
 
     def unreachable(self, encoder: SharedEncoder) -> list[str]:
         """The stages deeper than the maps the head reads (found by a blank backward pass)."""
@@ -101,19 +91,6 @@ class DetectionTask(Task[DetectionData]):
         site.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(site.state_dir / HEAD_FILE, model.head.state_dict())
 
-    def optimizer(self, model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-        """Adam on the encoder's trainable set and the head."""
-        return detector_optimizer(model, DETECTION_LR)
-
-    def sampling(self, data: DetectionData, train: TrainConfig) -> SamplingPlan:
-        """Poisson sampling of ``train.batch_size`` expected rows a step (no class draw)."""
-        return SamplingPlan(rate=poisson_rate(train.batch_size, len(data)))
-
-    def nonprivate_sampler(self, data: DetectionData, train: TrainConfig,
-                           plan: SamplingPlan, rng: np.random.Generator) -> Sampler:
-        """``batch_size`` random rows a step (all, when fewer)."""
-        return FixedBatchSampler(len(data), train.batch_size, rng)
-
     def loss(self, model: torch.nn.Module, data: DetectionData, train: TrainConfig, *,
              generator: torch.Generator, device: torch.device, amp: bool) -> TaskLoss:
         """The per-image detection loss of the module docstring."""
@@ -121,7 +98,7 @@ class DetectionTask(Task[DetectionData]):
 
     def evaluate(self, site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder,
                  val: DetectionData, device: torch.device) -> Metrics:
-        """MAP of the site's head on the global encoder, over its validation rows."""
+        """The mAP of the site's head on the global encoder, over its validation rows."""
         metrics: Metrics = {NUM_EXAMPLES: len(val)}
         if len(val) == 0:
             return metrics
@@ -153,14 +130,4 @@ class DetectionTask(Task[DetectionData]):
 def load_head(site: SiteRuntime, encoder: SharedEncoder, classes: int, seed: int
               ) -> DetectionHead:
     """The site's saved head, or a fresh one (data-independent) on first use."""
-    head = build_head(encoder, classes, seed)
-    path = site.state_dir / HEAD_FILE
-    if path.exists():
-        saved = torch_load(path)
-        own = head.state_dict()
-        if saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own):
-            head.load_state_dict(saved)
-        else:
-            log.warning("site %s: the saved detection head does not fit this model; starting "
-                        "a new one", site.name)
-    return head
+    return load_site_part(site, HEAD_FILE, build_head(encoder, classes, seed), "detection head")

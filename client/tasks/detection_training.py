@@ -9,7 +9,6 @@ MONAI's COCO metric (``monai.apps.detection.metrics``), not our own.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 
+from client.tasks.finetuning import EncoderPart, finetune
 from medmeta_common.data.detection import DetectionData
 from medmeta_common.models.detection import (
     Detections,
@@ -25,9 +25,8 @@ from medmeta_common.models.detection import (
     make_targets,
     per_image_loss,
 )
-from medmeta_common.models.factory import freeze_all_but
-from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss, train_steps
-from medmeta_common.privacy.sampling import Draw, FixedBatchSampler
+from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss
+from medmeta_common.privacy.sampling import Draw
 
 MAP50 = "map50"
 MAP = "map"  # mAP@[.5:.95]
@@ -114,30 +113,10 @@ def mean_average_precision(detections: Sequence[Detections], data: DetectionData
             MAP: max(0.0, float(scores[f"mAP_IoU_0.50_0.95_0.05_MaxDet_{MAX_DET}"]))}
 
 
-def detector_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam on the head and on the encoder parameters that require gradients."""
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-
 def fit_detector(model: Detector, data: DetectionData, *, steps: int, batch_size: int,
                  lr: float, seed: int, device: torch.device,
-                 encoder_part: Literal["none", "film", "all"] = "none") -> float:
-    """Non-private fine-tuning at a new site: ``steps`` Adam steps; the mean loss.
-
-    The head always trains; of the encoder, nothing, its FiLM parameters, or all.
-    """
-    flags = [p.requires_grad for p in model.encoder.parameters()]
-    if encoder_part == "none":
-        model.encoder.requires_grad_(False)
-    else:
-        freeze_all_but(model.encoder, encoder_part)
-    model.to(device).train()
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    stats = train_steps(model, detector_optimizer(model, lr),
-                        FixedBatchSampler(len(data), batch_size, rng),
-                        detection_loss(data, generator, device), steps=steps, dp=None,
-                        device=device, reduction="sum")
-    for param, flag in zip(model.encoder.parameters(), flags, strict=True):
-        param.requires_grad_(flag)
-    return stats.mean_loss
+                 encoder_part: EncoderPart = "none") -> float:
+    """Non-private fine-tuning at a new site (the head, and ``encoder_part``); the mean loss."""
+    return finetune(model, model.encoder, lambda g: detection_loss(data, g, device),
+                    rows=len(data), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                    device=device, encoder_part=encoder_part)

@@ -32,39 +32,31 @@ from client.tasks.base import (
     AdaptDefaults,
     AdaptRequest,
     Metrics,
-    SamplingPlan,
-    Task,
-    patients_of,
 )
+from client.tasks.dense import DenseTask, load_site_part
 from client.tasks.segmentation_training import (
     dice_per_image,
     segmentation_loss,
-    segmenter_optimizer,
 )
-from medmeta_common.checkpoint import atomic_torch_save, torch_load
+from medmeta_common.checkpoint import atomic_torch_save
 from medmeta_common.config import DataConfig, ImageConfig, TrainConfig
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.data.sources import load_segmentation
 from medmeta_common.models.decoder import Segmenter, UNetDecoder, build_decoder
 from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.privacy.dp_sgd import TaskLoss
-from medmeta_common.privacy.sampling import FixedBatchSampler, Sampler, poisson_rate
 from medmeta_common.protocol import NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
 
 DECODER_FILE = "decoder.pt"
-# Adam on the decoder and encoder; the classification recipe's SGD lr does not carry over.
-SEGMENTATION_LR = 1e-3
 
-class SegmentationTask(Task[SegmentationData]):
+class SegmentationTask(DenseTask[SegmentationData]):
     """Images with binary masks; see the module docstring."""
 
     name = "segmentation"
     record = "one source image (a volume with all its slices, an image with all its tiles)"
     rows = "slices/tiles"
-    reduction = "sum"
-    encoder_output = "features"
     adapt_defaults = AdaptDefaults(episodes=20, finetune_steps=100)
 
     def read(self, data: DataConfig, image: ImageConfig, *, tile: int) -> SegmentationData:
@@ -83,11 +75,6 @@ class SegmentationTask(Task[SegmentationData]):
             return np.array(data.refs, dtype=object)
         return data.groups
 
-    def privacy_units(self, data: SegmentationData, unit: str, *,
-                      source: str) -> np.ndarray | None:
-        """Source images (``image``) or the manifest's patients (``patient``)."""
-        return data.sources if unit == "image" else patients_of(data, source=source)
-
     def site_model(self, site: SiteRuntime, encoder: SharedEncoder, data: SegmentationData,
                    settings: RoundSettings) -> Segmenter:
         """The encoder with the site's decoder."""
@@ -99,19 +86,6 @@ class SegmentationTask(Task[SegmentationData]):
         assert isinstance(model, Segmenter)
         site.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(site.state_dir / DECODER_FILE, model.decoder.state_dict())
-
-    def optimizer(self, model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-        """Adam on the encoder and decoder."""
-        return segmenter_optimizer(model, SEGMENTATION_LR)
-
-    def sampling(self, data: SegmentationData, train: TrainConfig) -> SamplingPlan:
-        """Poisson sampling of ``train.batch_size`` expected rows a step (no class draw)."""
-        return SamplingPlan(rate=poisson_rate(train.batch_size, len(data)))
-
-    def nonprivate_sampler(self, data: SegmentationData, train: TrainConfig,
-                           plan: SamplingPlan, rng: np.random.Generator) -> Sampler:
-        """``batch_size`` random rows a step (all, when fewer)."""
-        return FixedBatchSampler(len(data), train.batch_size, rng)
 
     def loss(self, model: torch.nn.Module, data: SegmentationData, train: TrainConfig, *,
              generator: torch.Generator, device: torch.device, amp: bool) -> TaskLoss:
@@ -154,14 +128,4 @@ class SegmentationTask(Task[SegmentationData]):
 
 def load_decoder(site: SiteRuntime, encoder: SharedEncoder, classes: int, seed: int) -> UNetDecoder:
     """The site's saved decoder, or a fresh one (data-independent) on first use."""
-    decoder = build_decoder(encoder, classes, seed)
-    path = site.state_dir / DECODER_FILE
-    if path.exists():
-        saved = torch_load(path)
-        own = decoder.state_dict()
-        if saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own):
-            decoder.load_state_dict(saved)
-        else:
-            log.warning("site %s: the saved decoder does not fit this model; starting a new one",
-                        site.name)
-    return decoder
+    return load_site_part(site, DECODER_FILE, build_decoder(encoder, classes, seed), "decoder")

@@ -8,19 +8,17 @@ docstring.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 
+from client.tasks.finetuning import EncoderPart, finetune
 from medmeta_common.data.segmentation import SegmentationData
 from medmeta_common.models.decoder import Segmenter
-from medmeta_common.models.factory import freeze_all_but
-from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss, train_steps
-from medmeta_common.privacy.sampling import Draw, FixedBatchSampler
+from medmeta_common.privacy.dp_sgd import BatchLoss, TaskLoss
+from medmeta_common.privacy.sampling import Draw
 
 _DICE = DiceLoss(softmax=True, to_onehot_y=True, include_background=False, reduction="none")
 
@@ -64,30 +62,10 @@ def segmentation_loss(data: SegmentationData, generator: torch.Generator,
     return loss
 
 
-def segmenter_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam on the decoder and on the encoder parameters that require gradients."""
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-
 def fit_segmenter(model: Segmenter, data: SegmentationData, *, steps: int, batch_size: int,
                   lr: float, seed: int, device: torch.device,
-                  encoder_part: Literal["none", "film", "all"] = "all") -> float:
-    """Non-private fine-tuning at a new site: ``steps`` Adam steps; the mean loss.
-
-    The decoder always trains; of the encoder, nothing, its FiLM parameters, or all.
-    """
-    flags = [p.requires_grad for p in model.encoder.parameters()]
-    if encoder_part == "none":
-        model.encoder.requires_grad_(False)
-    else:
-        freeze_all_but(model.encoder, encoder_part)
-    model.to(device).train()
-    optimizer = segmenter_optimizer(model, lr)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    stats = train_steps(model, optimizer, FixedBatchSampler(len(data), batch_size, rng),
-                        segmentation_loss(data, generator, device), steps=steps, dp=None,
-                        device=device, reduction="sum")
-    for param, flag in zip(model.encoder.parameters(), flags, strict=True):
-        param.requires_grad_(flag)
-    return stats.mean_loss
+                  encoder_part: EncoderPart = "all") -> float:
+    """Non-private fine-tuning at a new site (the decoder, and ``encoder_part``); the mean loss."""
+    return finetune(model, model.encoder, lambda g: segmentation_loss(data, g, device),
+                    rows=len(data), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                    device=device, encoder_part=encoder_part)

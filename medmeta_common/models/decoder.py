@@ -15,6 +15,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from medmeta_common.models.encoder import Encoder, SharedEncoder, _groups
+from medmeta_common.models.factory import seeded
 
 
 class UNetDecoder(nn.Module):
@@ -65,12 +66,7 @@ class Segmenter(nn.Module):
 
 def build_decoder(encoder: SharedEncoder, classes: int, seed: int) -> UNetDecoder:
     """A fresh decoder for ``encoder``'s feature maps, identical for the same seed."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return decoder_for(encoder, classes)
-    finally:
-        torch.random.set_rng_state(state)
+    return seeded(lambda: decoder_for(encoder, classes), seed)
 
 
 def decoder_for(encoder: SharedEncoder, classes: int) -> UNetDecoder:

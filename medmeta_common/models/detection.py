@@ -32,6 +32,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from medmeta_common.models.encoder import SharedEncoder
+from medmeta_common.models.factory import seeded
 
 HEAD_STRIDES = (4, 8, 16)
 HEAD_WIDTH = 64
@@ -99,12 +100,7 @@ class Detector(nn.Module):
 def build_head(encoder: SharedEncoder, classes: int, seed: int) -> DetectionHead:
     """A fresh head for ``encoder`` (data-independent), identical for the same seed."""
     channels = tuple(encoder.skip_spec.channels[i] for i in head_maps(encoder))
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return DetectionHead(channels, classes)
-    finally:
-        torch.random.set_rng_state(state)
+    return seeded(lambda: DetectionHead(channels, classes), seed)
 
 
 def unreached_parameters(encoder: SharedEncoder) -> list[str]:

@@ -16,9 +16,10 @@ sent, screened and meta-updated; the rest stays the prior's everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from medmeta_common.config import ImageConfig, ModelConfig
 from medmeta_common.models.efficientnet import EfficientNetLite0, load_package_weights
 from medmeta_common.models.encoder import PRESETS, Encoder, EncoderSpec, SharedEncoder
 from medmeta_common.models.prior import IMAGENET_SHA256, imagenet_file, load_verified
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
 
@@ -70,6 +73,20 @@ def build_encoder(model: ModelConfig, image: ImageConfig, seed: int, *,
             raise ValueError(f"{path}: not a prior of this backbone "
                              f"({str(exc).splitlines()[0]})") from None
     return encoder
+
+
+def seeded(build: Callable[[], M], seed: int) -> M:
+    """``build()`` with torch's global generator at ``seed``, restored afterwards.
+
+    A site's fresh head or decoder is then the same for the same seed (data-independent)
+    without disturbing the caller's random stream.
+    """
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def has_film(backbone: str) -> bool:
