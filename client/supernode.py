@@ -42,7 +42,7 @@ def preflight(config: SiteDeployConfig) -> None:
             raise DataError(config.data.path, "no image/mask pairs found for this "
                             "segmentation site (see docs/data.md, segmentation layouts)")
     elif config.task == "detection":
-        from medmeta_common.data.detection import detect_detection_format
+        from medmeta_common.data.box_annotations import detect_detection_format
 
         detect_detection_format(Path(config.data.path), config.data.manifest)
     elif not config.data.is_builtin:

@@ -15,13 +15,8 @@ from pathlib import Path
 
 from medmeta_common.config import SYNTHETIC_PREFIX, DataConfig, ImageConfig
 from medmeta_common.config.tasks import DEFAULT_TILE, TaskName, frames_for
-from medmeta_common.data.detection import (
-    Annotations,
-    DetectionData,
-    Entry,
-    build_detection,
-    read_annotations,
-)
+from medmeta_common.data.box_annotations import Annotations, Entry, read_annotations
+from medmeta_common.data.detection import DetectionData, build_detection
 from medmeta_common.data.folders import class_folders, read_class_folders
 from medmeta_common.data.issues import IssueLog
 from medmeta_common.data.manifest import read_manifest_folder
