@@ -12,11 +12,8 @@ from opacus import GradSampleModule
 
 from client.round import freeze_unreachable, local_training
 from client.tasks import get_task
-from client.tasks.detection_adapt import (
-    adapt_detection,
-    detect_in_image,
-    evaluate_fewshot_detection,
-)
+from client.tasks.detection_adapt import adapt_detection, evaluate_fewshot_detection
+from client.tasks.detection_predict import detect_in_image
 from client.tasks.detection_training import batch_loss
 from medmeta_common.config import DataConfig, ImageConfig, ModelConfig, TrainConfig
 from medmeta_common.config.data import PartitionConfig

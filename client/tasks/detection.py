@@ -34,6 +34,7 @@ from client.tasks.detection_training import (
     detect,
     detection_loss,
     mean_average_precision,
+    on_images,
 )
 from medmeta_common.checkpoint import atomic_torch_save
 from medmeta_common.config import DataConfig, ImageConfig, TrainConfig
@@ -104,7 +105,9 @@ class DetectionTask(DenseTask[DetectionData]):
             return metrics
         model = Detector(encoder, load_head(site, encoder, len(val.classes), settings.seed))
         model.to(device).eval()
-        scores = mean_average_precision(detect(model, val.images, len(val.classes), device), val)
+        found = detect(on_images(model, device), val.images, classes=len(val.classes),
+                       input_size=val.images.shape[-1])
+        scores = mean_average_precision(found, val)
         metrics.update({MAP50: scores[MAP50], MAP: scores[MAP]})
         return metrics
 
@@ -122,7 +125,7 @@ class DetectionTask(DenseTask[DetectionData]):
 
     def predict(self, folder: Path, inputs: Path, out: Path | None) -> int:
         """Boxes (CSV and COCO-style JSON) and overlay PNGs in ``out``."""
-        from client.tasks.detection_adapt import predict_command
+        from client.tasks.detection_predict import predict_command
 
         return predict_command(folder, inputs, out)
 

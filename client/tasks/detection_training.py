@@ -45,16 +45,23 @@ def batch_boxes(data: DetectionData, index: np.ndarray
             torch.from_numpy(position[data.box_rows[keep]]))
 
 
+def mirror_boxes(boxes: torch.Tensor, flip: torch.Tensor, *, horizontal: bool,
+                 size: int) -> torch.Tensor:
+    """``boxes`` mirrored in a ``size`` square where ``flip`` (one flag per box) is set."""
+    low, high = (0, 2) if horizontal else (1, 3)
+    mirrored = boxes.clone()
+    mirrored[:, low], mirrored[:, high] = size - boxes[:, high], size - boxes[:, low]
+    return torch.where(flip[:, None], mirrored, boxes)
+
+
 def flip_boxes(images: torch.Tensor, boxes: torch.Tensor, rows: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal and vertical flips drawn per image, its boxes flipped with it."""
     size = images.shape[-1]
-    for dim, (low, high) in ((-1, (0, 2)), (-2, (1, 3))):
+    for dim in (-1, -2):
         flip = torch.rand(len(images), generator=generator) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(dim), images)
-        flipped = boxes.clone()
-        flipped[:, low], flipped[:, high] = size - boxes[:, high], size - boxes[:, low]
-        boxes = torch.where(flip[rows][:, None], flipped, boxes)
+        boxes = mirror_boxes(boxes, flip[rows], horizontal=dim == -1, size=size)
     return images, boxes
 
 
@@ -85,16 +92,25 @@ def detection_loss(data: DetectionData, generator: torch.Generator,
     return loss
 
 
-def detect(forward: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray,
-           classes: int, device: torch.device) -> list[Detections]:
-    """Detections of every image, in batches, without gradients."""
+def detect(forward: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray, *,
+           classes: int, input_size: int) -> list[Detections]:
+    """Detections of every row, ``forward`` applied to batches of ``rows``, no gradients.
+
+    ``rows`` are images (see :func:`on_images`) or whatever ``forward`` reads them from
+    (the adaptation's cached features take row indices).
+    """
     results: list[Detections] = []
     with torch.no_grad():
-        for start in range(0, len(images), EVAL_BATCH):
-            batch = torch.from_numpy(images[start:start + EVAL_BATCH]).to(device)
-            output = forward(batch)
-            results.extend(decode(output, classes, images.shape[-1] / output.shape[-1]))
+        for start in range(0, len(rows), EVAL_BATCH):
+            output = forward(rows[start:start + EVAL_BATCH])
+            results.extend(decode(output, classes, input_size / output.shape[-1]))
     return results
+
+
+def on_images(model: torch.nn.Module, device: torch.device
+              ) -> Callable[[np.ndarray], torch.Tensor]:
+    """``model`` as a forward pass over a batch of images ``(B, C, S, S)`` (float32)."""
+    return lambda batch: model(torch.from_numpy(batch).to(device))
 
 
 def mean_average_precision(detections: Sequence[Detections], data: DetectionData
