@@ -25,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 
-from medmeta_common.data.dicom import is_dicom_file, read_dicom
 from medmeta_common.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,11 @@ def looks_like_image(path: Path) -> bool:
     """True for files medmeta would try to decode (by suffix, or a DICOM preamble)."""
     if suffix_of(path) in IMAGE_SUFFIXES:
         return True
-    return path.suffix == "" and path.is_file() and is_dicom_file(path)
+    if not (path.suffix == "" and path.is_file()):
+        return False
+    from medmeta_common.data.dicom import is_dicom_file  # pydicom: ~0.2 s, load on use
+
+    return is_dicom_file(path)
 
 
 def input_files(path: Path) -> list[Path]:
@@ -92,6 +95,8 @@ def read_image_file(
     suffix = suffix_of(path)
     if not path.is_file():
         raise DataError(name, "file not found" if not path.exists() else "not a regular file")
+    from medmeta_common.data.dicom import is_dicom_file, read_dicom
+
     if suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and is_dicom_file(path)):
         image = read_dicom(path, multiframe=frames, display_name=name)
         return DecodedFile(image.frames, image.modality, image.patient_id)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from medmeta_common.data.records import RawRecord, RawSite
 from medmeta_common.errors import DataError
@@ -76,6 +75,8 @@ def _grid(fov: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _background(rng: np.random.Generator) -> np.ndarray:
     """A smooth blob field standing in for anatomy; shared by one patient's images."""
+    from scipy.ndimage import gaussian_filter  # scipy costs ~0.25 s: only when drawing
+
     field = gaussian_filter(rng.normal(size=(RAW_SIZE, RAW_SIZE)), sigma=6)
     return (0.3 + 0.2 * field / (np.abs(field).max() + 1e-6)).astype(np.float32)
 
@@ -123,6 +124,8 @@ def _render(pattern: str, background: np.ndarray, shift: SiteShift,
     mask = _shape_mask(pattern, x - cx, y - cy, rng)
     image = background + mask * rng.uniform(0.35, 0.6)
     if shift.blur > 0:
+        from scipy.ndimage import gaussian_filter
+
         image = gaussian_filter(image, sigma=shift.blur)
     image = np.clip(image, 0, None) ** shift.gamma + shift.offset
     image = image + rng.normal(scale=shift.noise, size=image.shape)

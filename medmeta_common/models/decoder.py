@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import nn
 
 from medmeta_common.models.encoder import Encoder, SharedEncoder, _groups
@@ -22,6 +21,8 @@ class UNetDecoder(nn.Module):
     """Class logits ``(B, classes, H, W)`` from the encoder's per-stage features."""
 
     def __init__(self, widths: tuple[int, ...], classes: int, norm_groups: int = 8) -> None:
+        from monai.networks.blocks import Convolution  # MONAI's init is slow: load on use
+
         super().__init__()
         blocks = []
         channels = widths[-1]

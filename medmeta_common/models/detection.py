@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import nn
 
 from medmeta_common.models.encoder import SharedEncoder
@@ -46,6 +45,8 @@ class DetectionHead(nn.Module):
     """Heatmap ``(B, C, h, w)``, log-size and offset ``(B, 2, h, w)`` each, at stride 4."""
 
     def __init__(self, channels: tuple[int, ...], classes: int) -> None:
+        from monai.networks.blocks import Convolution  # MONAI's init is slow: load on use
+
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, HEAD_WIDTH, kernel_size=1) for c in channels)
         self.fuse = Convolution(spatial_dims=2, in_channels=HEAD_WIDTH, out_channels=HEAD_WIDTH,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import nn
 
 
@@ -86,6 +85,10 @@ class Encoder(SharedEncoder):
     """Convolutional encoder; ``forward`` returns ``(B, embedding_dim)`` embeddings."""
 
     def __init__(self, spec: EncoderSpec) -> None:
+        # MONAI's package init costs ~1.5 s per ClientApp process (it imports its
+        # transforms, scipy and matplotlib): only the small CNN pays it.
+        from monai.networks.blocks import Convolution
+
         super().__init__()
         self.spec = spec
         stages: list[nn.Module] = []
