@@ -18,11 +18,16 @@ from medmeta_common.models.factory import build_encoder, freeze_all_but
 from medmeta_common.models.prior import find_prior, prior_sha256
 
 
+def hash_record(site: SiteRuntime) -> Path:
+    """Where the site keeps the hashes of prior files it verified (one per message otherwise)."""
+    return site.state_dir / "verified_priors.json"
+
+
 def prior_file(settings: RoundSettings, site: SiteRuntime) -> Path | None:
     """The site's file of the prior the server names, or ``None`` for a built-in prior."""
     wanted = settings.prior_sha256
     if settings.model.has_file_prior:
-        return find_prior(wanted, list(site.priors))
+        return find_prior(wanted, list(site.priors), record=hash_record(site))
     mine = prior_sha256(settings.model.weights)
     if mine != wanted:
         raise CheckpointError(
@@ -35,6 +40,6 @@ def prior_file(settings: RoundSettings, site: SiteRuntime) -> Path | None:
 def round_encoder(settings: RoundSettings, site: SiteRuntime) -> SharedEncoder:
     """The encoder at its prior, only the round's trainable set requiring gradients."""
     encoder = build_encoder(settings.model, settings.image, settings.seed,
-                            prior_file=prior_file(settings, site))
+                            prior_file=prior_file(settings, site), hash_record=hash_record(site))
     freeze_all_but(encoder, settings.train.trainable)
     return encoder

@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +239,40 @@ def test_the_segmentation_decoder_reads_the_priors_stages() -> None:
     gsm(torch.rand(2, 3, 64, 64)).sum().backward()
     assert all(p.grad_sample is not None for p in model.parameters() if p.requires_grad)
     gsm.to_standard_module()
+
+
+def test_a_verified_hash_is_reused_only_while_the_file_is_unchanged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import medmeta_common.models.prior as prior_module
+
+    weights, record = tmp_path / "prior.pt", tmp_path / "state" / "verified_priors.json"
+    shutil.copy(imagenet_file(), weights)
+    hashed: list[Path] = []
+    real = prior_module.file_sha256
+    monkeypatch.setattr(prior_module, "file_sha256",
+                        lambda path: hashed.append(path) or real(path))
+    assert prior_module.verified_sha256(weights, record) == IMAGENET_SHA256
+    assert prior_module.verified_sha256(weights, record) == IMAGENET_SHA256
+    assert hashed == [weights]  # the second message read the record, not the 19 MB file
+
+    # A same-size rewrite that even restores the modification time is hashed again
+    # (its change time moved) and no longer verifies.
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        prior_module.load_verified(weights, IMAGENET_SHA256, "ImageNet prior", record=record)
+    assert hashed == [weights, weights]
+
+
+def test_a_prior_named_by_its_hash_is_still_checked(tmp_path: Path) -> None:
+    from medmeta_common.models.prior import find_prior
+
+    fake = tmp_path / f"{IMAGENET_SHA256}.pt"
+    fake.write_bytes(b"not the prior")
+    with pytest.raises(CheckpointError, match="does not have"):
+        find_prior(IMAGENET_SHA256, [tmp_path])

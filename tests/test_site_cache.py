@@ -33,7 +33,7 @@ def test_cache_is_used_and_invalidated(tmp_path: Path, bccd_npz: Path,
 
     first = site_splits(site, ImageConfig(), seed=0)
     assert reads == [str(source)]  # the first process reads the images...
-    assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1
+    assert len(list((site.state_dir / "data_cache").iterdir())) == 1
 
     site_module._SPLITS.clear()  # a fresh process
     again = site_splits(site, ImageConfig(), seed=0)
@@ -46,4 +46,28 @@ def test_cache_is_used_and_invalidated(tmp_path: Path, bccd_npz: Path,
     renewed = site_splits(site, ImageConfig(), seed=0)
     assert reads == [str(source)] * 2  # so the images are read again
     np.testing.assert_array_equal(first.train.images, renewed.train.images)
-    assert len(list((site.state_dir / "data_cache").glob("*.npz"))) == 1  # old entry dropped
+    assert len(list((site.state_dir / "data_cache").iterdir())) == 1  # old entry dropped
+
+
+def test_cache_is_memory_mapped_and_a_damaged_entry_is_rebuilt(
+        tmp_path: Path, bccd_npz: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medmeta_common.data.cache import load_cached
+
+    site = runtime(tmp_path, bccd_npz)
+    first = site_splits(site, ImageConfig(), seed=0)
+    (entry,) = (site.state_dir / "data_cache").iterdir()
+    cached = load_cached(entry.parent, entry.name)
+    assert cached is not None and cached["images"].shape[0] == len(first.train) + len(first.val)
+    # Each array is read through a read-only memory map: a message reads the pages it uses.
+    assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in cached.values())
+
+    (entry / "images.npy").write_bytes(b"not an array")  # damaged (a disk error, a bad copy)
+    site_module._SPLITS.clear()
+    reads: list[str] = []
+    real = classification_module.load_site
+    monkeypatch.setattr(classification_module, "load_site",
+                        lambda data, image: reads.append(data.path) or real(data, image))
+    again = site_splits(site, ImageConfig(), seed=0)
+    assert reads == [str(bccd_npz)]  # read from the source again, not from the damage
+    np.testing.assert_array_equal(first.train.images, again.train.images)
+    assert load_cached(entry.parent, entry.name) is not None  # and the entry is whole again

@@ -47,11 +47,13 @@ def encoder_spec(model: ModelConfig, image: ImageConfig) -> EncoderSpec:
 
 
 def build_encoder(model: ModelConfig, image: ImageConfig, seed: int, *,
-                  prior_file: Path | None = None) -> SharedEncoder:
+                  prior_file: Path | None = None,
+                  hash_record: Path | None = None) -> SharedEncoder:
     """The encoder at its start: the prior's weights, or a seeded initialisation.
 
     ``prior_file`` is the weights file of a file prior (the server reads
-    ``model.weights``; a site passes the file it found by hash).
+    ``model.weights``; a site passes the file it found by hash). ``hash_record`` keeps
+    the ImageNet file's verified hash between processes (a site's state directory).
     """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -63,7 +65,7 @@ def build_encoder(model: ModelConfig, image: ImageConfig, seed: int, *,
         torch.random.set_rng_state(generator_state)
     if model.weights == "imagenet":
         load_package_weights(encoder, load_verified(imagenet_file(), IMAGENET_SHA256,
-                                                    "ImageNet prior"))
+                                                    "ImageNet prior", record=hash_record))
     elif model.has_file_prior:
         path = prior_file or Path(model.weights)
         state = torch.load(path, map_location="cpu", weights_only=True)

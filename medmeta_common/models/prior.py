@@ -16,8 +16,10 @@ site whose prior differs refuses to train and says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -40,6 +42,36 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verified_sha256(path: Path, record: Path | None = None) -> str:
+    """The SHA-256 of ``path``; from ``record`` when the file is unchanged since hashed.
+
+    Every message of a deployed site runs in a fresh process, and each would hash the
+    prior again. ``record`` (a JSON file in the site's state directory) keeps each
+    file's hash with its size, modification and change times and inode: a file that
+    was replaced, rewritten or touched in any way (the change time moves with every
+    write, and user tools cannot set it) is hashed again.
+    """
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                                       stat.st_ino]
+    known: dict[str, dict] = {}
+    if record is not None:
+        try:
+            known = json.loads(record.read_text())
+            entry = known.get(key, {})
+            if entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+                return str(entry["sha256"])
+        except (OSError, ValueError, AttributeError):
+            known = {}
+    digest = file_sha256(path)
+    if record is not None and isinstance(known, dict):
+        from medmeta_common.checkpoint import atomic_write_json
+
+        with contextlib.suppress(OSError):  # the record saves time only
+            atomic_write_json(record, {**known, key: {"stamp": stamp, "sha256": digest}})
+    return digest
+
+
 def imagenet_file() -> Path:
     """Where the installed package keeps the ImageNet weights (no network, ever)."""
     spec = importlib.util.find_spec(IMAGENET_PACKAGE)
@@ -50,11 +82,15 @@ def imagenet_file() -> Path:
     return Path(spec.origin).parent / "models" / IMAGENET_FILE
 
 
-def load_verified(path: Path, sha256: str, what: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` after checking its SHA-256 (``weights_only`` loading)."""
+def load_verified(path: Path, sha256: str, what: str, *, record: Path | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` after checking its SHA-256 (``weights_only`` loading).
+
+    ``record``: where verified hashes are kept between processes (:func:`verified_sha256`).
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: the {what} is missing")
-    found = file_sha256(path)
+    found = verified_sha256(path, record)
     if found != sha256:
         raise CheckpointError(f"{path}: the {what} has SHA-256 {found}, expected {sha256}; "
                               "it is not the prior this federation uses")
@@ -74,11 +110,17 @@ def prior_sha256(weights: str) -> str:
     return file_sha256(Path(weights))
 
 
-def find_prior(sha256: str, folders: list[Path]) -> Path:
-    """A file with this SHA-256 in one of ``folders``; a clear error, naming them, if none."""
+def find_prior(sha256: str, folders: list[Path], *, record: Path | None = None) -> Path:
+    """A file with this SHA-256 in one of ``folders``; a clear error, naming them, if none.
+
+    Files named by the hash are tried first; every candidate's content is hashed
+    (through ``record``, :func:`verified_sha256`): a name alone proves nothing.
+    """
     for folder in folders:
-        for candidate in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
-            if candidate.name.startswith(sha256) or file_sha256(candidate) == sha256:
+        candidates = sorted(folder.glob("*.pt"), key=lambda c: not c.name.startswith(sha256)) \
+            if folder.is_dir() else []
+        for candidate in candidates:
+            if verified_sha256(candidate, record) == sha256:
                 return candidate
     where = ", ".join(str(f) for f in folders) or "(no priors folder)"
     raise CheckpointError(
