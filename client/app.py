@@ -52,7 +52,10 @@ SiteResolver = Callable[[Context], SiteRuntime]
 def _global_encoder(msg: Message, settings: RoundSettings, site: SiteRuntime) -> SharedEncoder:
     """The global encoder: this site's prior with the trainable set the server sent."""
     encoder = round_encoder(settings, site)
-    arrays = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
+    try:
+        arrays = arrays_to_numpy(msg.content.array_records[ARRAYS_KEY])
+    except ValueError as exc:
+        raise ValueError(f"the server sent a malformed encoder: {exc}") from None
     problem = check_update(arrays, trainable_layout(encoder, settings.train.trainable))
     if problem:
         raise ValueError(f"the server sent a malformed encoder: {problem}")

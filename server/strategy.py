@@ -339,7 +339,11 @@ class MetaStrategy(FedAvg):
         if set(content.array_records) != {ARRAYS_KEY} or content.config_records:
             log.warning("rejected update from site %s: unexpected records in the reply", name)
             return "rejected", {"reason": "unexpected records"}, None
-        arrays = arrays_to_numpy(content.array_records[ARRAYS_KEY])
+        try:
+            arrays = arrays_to_numpy(content.array_records[ARRAYS_KEY])
+        except ValueError as exc:  # a packed record that does not add up
+            log.warning("rejected update from site %s: %s", name, exc)
+            return "rejected", {"reason": str(exc)[:300]}, None
         assert self._current is not None, "configure_train runs before aggregate_train"
         sent_bytes = payload_bytes(arrays)
         encoding = self.meta_optimizer.config.update_encoding

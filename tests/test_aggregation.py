@@ -10,7 +10,7 @@ from typing import Any, get_args, get_type_hints
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from medmeta_common.config import MetaUpdateConfig, load_config
@@ -316,3 +316,18 @@ def test_robust_settings_are_accepted(tmp_path: Path) -> None:
     server = load_config(write(tmp_path, text)).server
     assert (server.aggregator, server.max_faulty, server.max_update_norm) == \
         ("multikrum", 1, 3.5)
+
+
+def test_a_packed_update_that_does_not_add_up_is_rejected_by_site_name(
+        caplog: pytest.LogCaptureFixture) -> None:
+    strategy, recorder = strategy_with(MetaUpdateConfig())
+    short = reply(3, [1.0, 1.0])
+    packed = short.content.array_records[ARRAYS_KEY]
+    packed["packed-data:float32"] = Array(np.asarray([1.0], np.float32))  # one value missing
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy.aggregate_train(1, [reply(1, [1.0, 2.0]), reply(2, [2.0, 1.0]), short])  # type: ignore[arg-type]
+    _, record = recorder.rounds[0]
+    assert record["accepted"] == 2
+    assert record["sites"]["hospital-c"] == {
+        "status": "rejected", "reason": "packed float32 data too short for 'w'"}
+    assert "rejected update from site hospital-c: packed float32 data too short" in caplog.text

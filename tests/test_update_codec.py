@@ -21,6 +21,7 @@ from medmeta_common.update_codec import (
     encoded_layout,
     payload_bytes,
 )
+from medmeta_common.wire import arrays_to_numpy
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
 
@@ -121,8 +122,8 @@ def test_int8_federation_sends_a_quarter_and_moves_the_encoder(tmp_path) -> None
     trained = [r for r in replies if r.metadata.message_type == "train"]
     assert len(trained) == 4
     for reply in trained:
-        arrays = reply.content.array_records["arrays"]
-        dtypes = {a.dtype for k, a in arrays.items() if not k.endswith(SCALE_SUFFIX)}
+        arrays = arrays_to_numpy(reply.content.array_records["arrays"])
+        dtypes = {str(a.dtype) for k, a in arrays.items() if not k.endswith(SCALE_SUFFIX)}
         assert dtypes == {"int8"}
     assert sum(r.metadata.message_type == "evaluate" for r in replies) == 2
     records = RunState(out).read_metrics()
