@@ -8,14 +8,21 @@ What a site sends back, and nothing else:
 - ``train``: the encoder's arrays, the number of training records, and the scalar
   metrics in :data:`medmeta_common.protocol.TRAIN_METRICS` (ε spent, δ, steps, noise,
   sampling rate; the training loss only when DP is off). A site whose budget would be
-  exceeded sends no arrays and ``refused = 1``.
-- ``evaluate``: few-shot accuracy on the site's validation split and its size.
+  exceeded sends no arrays and ``refused = 1``. When the server asks (config entry
+  ``validate-round``), the site first scores the encoder it received — the previous
+  round's global encoder — as an evaluate message would, and adds that record
+  (:data:`~medmeta_common.protocol.VALIDATION_KEY`, the evaluate metrics): a round
+  then needs one message per site instead of two.
+- ``evaluate``: the task's few-shot validation metric on the site's validation split
+  and its size (the run's final round, and secure-aggregation runs).
 - ``query``: the site's name, so the operator's logs and reports can name sites
   (a query that announces the end of the run is logged, and answered the same way).
 
-Each message's handler logs one timestamped line at the site (the round, what the
-server did with the site's previous update, ε spent of the budget), which reaches the
-site's terminal through its SuperNode (:mod:`client.site_log`).
+Each message's start-up (process spawn to handler ready) and compute are timed and
+kept at the site (:mod:`client.startup`). Each message's handler logs one timestamped
+line at the site (the round, what the server did with the site's previous update, ε
+spent of the budget), which reaches the site's terminal through its SuperNode
+(:mod:`client.site_log`).
 
 The ClientApp finds its site from the SuperNode's node config (``site-config``, a
 deployed hospital) or, in Flower's simulation runtime, from the node's
@@ -33,14 +40,21 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.prior import round_encoder
-from client.round import evaluate_round, train_round
+from client.round import evaluate_round, prepare_round, train_round
 from client.secure import secure_aggregation_mod
 from client.settings import RoundSettings, SiteRuntime, read_settings
 from client.site_log import log_end_of_run, log_previous_verdict, log_trained
+from client.startup import MessageClock
 from medmeta_common.app_logging import log_in_flower_process
 from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.models.factory import load_trainable, trainable_arrays, trainable_layout
-from medmeta_common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_update
+from medmeta_common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    VALIDATION_KEY,
+    check_update,
+)
 from medmeta_common.update_codec import encode_update
 from medmeta_common.wire import arrays_to_numpy, metric_record, numpy_to_arrays
 
@@ -65,11 +79,21 @@ def _global_encoder(msg: Message, settings: RoundSettings, site: SiteRuntime) ->
 
 def handle_train(msg: Message, site: SiteRuntime) -> Message:
     """One round of local training; see the module docstring for what is returned."""
+    clock = MessageClock("train")
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
     log_previous_verdict(site, settings)
-    outcome = train_round(site, settings, _global_encoder(msg, settings, site))
+    encoder = _global_encoder(msg, settings, site)
+    prepare_round(site, settings, train=True)
+    clock.ready()
+    validation = _validation(site, settings, encoder) if settings.validate_round else None
+    outcome = train_round(site, settings, encoder)
+    if "compute-seconds" in outcome.metrics:  # validation and training, not start-up
+        outcome.metrics["compute-seconds"] = round(clock.compute_seconds, 3)
+    clock.record(site.state_dir, settings.server_round)
     log_trained(site, settings, outcome.metrics)
     records = RecordDict({METRICS_KEY: metric_record(outcome.metrics)})
+    if validation is not None:
+        records[VALIDATION_KEY] = metric_record(validation)
     if outcome.encoder is not None:
         trained = trainable_arrays(outcome.encoder, settings.train.trainable)
         if settings.update_encoding == "float32":
@@ -81,11 +105,30 @@ def handle_train(msg: Message, site: SiteRuntime) -> Message:
     return Message(records, reply_to=msg)
 
 
+def _validation(site: SiteRuntime, settings: RoundSettings,
+                encoder: SharedEncoder) -> dict[str, float | int] | None:
+    """The received encoder's validation metric, scored before training changes it.
+
+    A failure is logged and leaves the record out: it must not cost the round's update.
+    """
+    try:
+        return evaluate_round(site, settings, encoder)
+    except Exception:  # the training below is what the round needs
+        log.exception("site %s: validation of round %d's encoder failed; training goes on",
+                      site.name, settings.validate_round)
+        return None
+
+
 def handle_evaluate(msg: Message, site: SiteRuntime) -> Message:
     """Few-shot accuracy of the global encoder on this site's validation split."""
+    clock = MessageClock("evaluate")
     settings = read_settings(msg.content.config_records[CONFIG_KEY])
     log_previous_verdict(site, settings)
-    metrics = evaluate_round(site, settings, _global_encoder(msg, settings, site))
+    encoder = _global_encoder(msg, settings, site)
+    prepare_round(site, settings, train=False)
+    clock.ready()
+    metrics = evaluate_round(site, settings, encoder)
+    clock.record(site.state_dir, settings.server_round)
     return Message(RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
 

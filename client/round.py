@@ -29,7 +29,7 @@ from medmeta_common.config import TrainConfig
 from medmeta_common.device import pick_device
 from medmeta_common.models.encoder import SharedEncoder
 from medmeta_common.privacy.budget import RoundBudget, guarded_round
-from medmeta_common.privacy.dp_sgd import DPSettings, StepStats, train_steps
+from medmeta_common.privacy.dp_sgd import DPSettings, StepStats, load_dp_library, train_steps
 from medmeta_common.protocol import NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,16 @@ def freeze_unreachable(encoder: SharedEncoder, task: Task) -> None:
     for name, param in encoder.named_parameters():
         if name in unused:
             param.requires_grad_(False)
+
+
+def prepare_round(site: SiteRuntime, settings: RoundSettings, *, train: bool) -> None:
+    """Load what a message needs before its compute (its start-up, :mod:`client.startup`).
+
+    The site's data and, to train under DP, the DP library.
+    """
+    site_splits(site, settings.image, settings.seed)
+    if train and site.privacy.enabled:
+        load_dp_library()
 
 
 def train_round(site: SiteRuntime, settings: RoundSettings, encoder: SharedEncoder) -> TrainOutcome:

@@ -23,7 +23,7 @@ from medmeta_common.config import (
 )
 from medmeta_common.config.tasks import DEFAULT_TILE
 from medmeta_common.models.prior import PRIORS_DIR
-from medmeta_common.protocol import rebuild
+from medmeta_common.protocol import VALIDATE_ROUND, rebuild
 from medmeta_common.update_codec import ENCODINGS
 
 
@@ -67,6 +67,9 @@ class RoundSettings:
     previous_round: int = 0
     previous_verdict: str = ""
     prior_sha256: str = "none"
+    # The round whose global encoder this message carries, when the server asks for its
+    # validation metric in the train reply (0: not asked).
+    validate_round: int = 0
 
 
 def read_settings(config: Mapping[str, Any]) -> RoundSettings:
@@ -84,6 +87,7 @@ def read_settings(config: Mapping[str, Any]) -> RoundSettings:
         previous_round=int(config.get("previous-round", 0)),
         previous_verdict=str(config.get("previous-verdict", ""))[:200],
         prior_sha256=str(config.get("prior-sha256", "none")),
+        validate_round=max(0, int(config.get(VALIDATE_ROUND, 0))),
     )
 
 

@@ -24,6 +24,12 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
+# A train reply's second metric record: the site's validation metric of the encoder it
+# received (the previous round's global encoder), when the server asked for it with
+# the config entry ``VALIDATE_ROUND`` (that round's number). It saves a round its
+# separate evaluate message (one process start per site when deployed).
+VALIDATION_KEY = "validation"
+VALIDATE_ROUND = "validate-round"
 
 # The scalar metrics a site may send back, and nothing else.
 TRAIN_METRICS = frozenset({

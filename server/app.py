@@ -115,6 +115,10 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         fraction_train=config.server.fraction_train,
         fraction_evaluate=config.server.fraction_evaluate,
         evaluate_every=config.server.evaluate_every,
+        # One message per site per round: validation rides on the next round's train
+        # messages, unless SecAgg+ carries them or another sample is to be evaluated.
+        validate_in_train=config.server.secure_aggregation is None
+        and config.server.fraction_evaluate == config.server.fraction_train,
         last_round=config.rounds,
         max_failed_rounds=config.server.max_failed_rounds,
         wait_for_sites=config.sites_to_wait_for,

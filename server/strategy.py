@@ -13,7 +13,13 @@ Flower's ``Strategy.start`` owns the round loop; we only override hooks:
   meta-update, and writes a checkpoint and a metrics line before the next round
   starts. A round with fewer than ``min_sites`` accepted updates fails instead: no
   meta-update, no checkpoint, and the round is retried (:mod:`server.round_outcome`).
-- ``aggregate_evaluate`` logs the sites' few-shot validation accuracy.
+- Validation (the sites' few-shot metric of a global encoder) rides on the next
+  round's train messages: the server asks for it with ``validate-round`` and each
+  site scores the encoder it receives before training, so a round costs each site
+  one message. ``aggregate_train`` records it for the round that produced the
+  encoder. Only the run's last round (no next round to carry it) and secure-
+  aggregation runs (whose train replies go through SecAgg+) send separate evaluate
+  messages, which ``aggregate_evaluate`` records.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from medmeta_common.protocol import (
     METRICS_KEY,
     NUM_EXAMPLES,
     TRAIN_METRICS,
+    VALIDATE_ROUND,
+    VALIDATION_KEY,
     check_update,
     finite_float,
 )
@@ -92,6 +100,10 @@ class MetaStrategy(FedAvg):
         Fractions of connected sites asked to train / evaluate each round.
     evaluate_every : int
         Ask for validation accuracy every this many rounds, and in ``last_round``.
+    validate_in_train : bool
+        Ask for it in the next round's train messages (one message per site per
+        round) rather than in separate evaluate messages; the last round's always
+        goes in an evaluate message.
     last_round : int, optional
         The run's final (global) round.
     query_timeout : float
@@ -115,6 +127,7 @@ class MetaStrategy(FedAvg):
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         evaluate_every: int = 1,
+        validate_in_train: bool = True,
         last_round: int | None = None,
         query_timeout: float = 120.0,
         max_failed_rounds: int = 3,
@@ -139,6 +152,7 @@ class MetaStrategy(FedAvg):
         self.recorder = recorder
         self.query_timeout = query_timeout
         self.evaluate_every = evaluate_every
+        self.validate_in_train = validate_in_train
         self.last_round = last_round
         self.sites = SiteDirectory()
         self._current: dict[str, np.ndarray] | None = None
@@ -147,6 +161,10 @@ class MetaStrategy(FedAvg):
         self._round_number = round_offset + 1
         # The round whose encoder the next evaluation scores (None after a failed round).
         self._evaluated_round: int | None = None
+        # The round whose encoder the next train messages carry and should score (a
+        # resumed run scores the encoder it resumes from: no evaluate message did).
+        self._validate_next: int | None = round_offset if round_offset and self.evaluates(
+            round_offset) and self.validates_in_train(round_offset) else None
 
         # Central-DP noise must be unpredictable: fresh OS entropy, never the run seed.
         self._noise = np.random.default_rng(secrets.randbits(128))
@@ -191,6 +209,8 @@ class MetaStrategy(FedAvg):
         # Wait for the sites first: Flower sizes its sample from the sites connected
         # *before* it waits, so a site connecting during the wait would be left out.
         sample_nodes(grid, self.min_available_nodes, 0)
+        if self._validate_next is not None:
+            config = ConfigRecord({**dict(config), VALIDATE_ROUND: self._validate_next})
         messages = list(super().configure_train(self.next_round, arrays, config, grid))
         self.learn_site_names(grid)
         self.sites_asked([m.metadata.dst_node_id for m in messages])
@@ -207,7 +227,8 @@ class MetaStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """Ask a sample of sites for few-shot validation accuracy (every k-th round)."""
         round_number = self._evaluated_round
-        if round_number is None or not self.evaluates(round_number):
+        if round_number is None or not self.evaluates(round_number) \
+                or self.validates_in_train(round_number):
             return []  # each evaluate message costs every site a process start when deployed
         messages = list(super().configure_evaluate(round_number, arrays, config, grid))
         self.recorder.round_started(round_number, "evaluate", sorted(
@@ -217,6 +238,11 @@ class MetaStrategy(FedAvg):
     def evaluates(self, round_number: int) -> bool:
         """Whether sites are asked for validation accuracy after ``round_number``."""
         return round_number % self.evaluate_every == 0 or round_number == self.last_round
+
+    def validates_in_train(self, round_number: int) -> bool:
+        """Whether the encoder of ``round_number`` is scored by the next train messages."""
+        return self.validate_in_train and round_number != self.last_round \
+            and self.fraction_evaluate > 0
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -236,6 +262,7 @@ class MetaStrategy(FedAvg):
                 accepted.append((name, arrays, float(metrics[NUM_EXAMPLES])))
         for node in self.missing(replies):
             sites[self.site_name(node)] = {"status": "dropped"}
+        self._record_validation_in(replies)
         record: dict[str, Any] = {"round": round_number, "phase": "train", "sites": sites,
                                   "accepted": len(accepted)}
         target = None
@@ -280,6 +307,8 @@ class MetaStrategy(FedAvg):
         self.rounds_done = round_number
         self.failed_in_a_row = 0
         self._evaluated_round = round_number
+        self._validate_next = round_number if self.evaluates(round_number) \
+            and self.validates_in_train(round_number) else None
         return new
 
     def fail_round(self, record: dict[str, Any]) -> None:
@@ -336,7 +365,8 @@ class MetaStrategy(FedAvg):
         verdict, metrics = self.judge_metrics(name, content.metric_records.get(METRICS_KEY))
         if verdict != "accepted":
             return verdict, metrics, None
-        if set(content.array_records) != {ARRAYS_KEY} or content.config_records:
+        if set(content.array_records) != {ARRAYS_KEY} or content.config_records \
+                or set(content.metric_records) - {METRICS_KEY, VALIDATION_KEY}:
             log.warning("rejected update from site %s: unexpected records in the reply", name)
             return "rejected", {"reason": "unexpected records"}, None
         try:
@@ -370,9 +400,10 @@ class MetaStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Collect per-site few-shot validation accuracy."""
+        """Collect per-site few-shot validation metrics (separate evaluate messages)."""
         round_number = self._evaluated_round
-        if round_number is None or not self.evaluates(round_number):
+        if round_number is None or not self.evaluates(round_number) \
+                or self.validates_in_train(round_number):
             return None
         sites: dict[str, dict[str, Any]] = {}
         for reply in replies:
@@ -380,11 +411,34 @@ class MetaStrategy(FedAvg):
             if reply.has_error():
                 log.warning("evaluation at site %s failed: %s", name, reply.error.reason)
                 continue
-            record: Mapping[str, Any] = reply.content.metric_records.get(METRICS_KEY) or {}
-            sites[name] = {k: v for k, v in record.items() if k in EVALUATE_METRICS}
-        scored = {n: m for n, m in sites.items() if "accuracy" in m}
-        mean = float(np.mean([m["accuracy"] for m in scored.values()])) if scored else None
+            sites[name] = allowed_validation(reply.content.metric_records.get(METRICS_KEY))
+        mean = self._record_validation(round_number, sites, {})
+        return MetricRecord({"accuracy": mean}) if mean is not None else None
+
+    def _record_validation_in(self, replies: list[Message]) -> None:
+        """Record the validation the train ``replies`` carry (once per validated round)."""
+        round_number = self._validate_next
+        if round_number is None:
+            return
+        sites = {self.site_name(r.metadata.src_node_id):
+                 allowed_validation(r.content.metric_records.get(VALIDATION_KEY))
+                 for r in replies
+                 if not r.has_error() and VALIDATION_KEY in r.content.metric_records}
+        if sites:  # a round retried after this one failed is not asked again
+            self._record_validation(round_number, sites, {"with_train": self._round_number})
+            self._validate_next = None
+
+    def _record_validation(self, round_number: int, sites: dict[str, dict[str, Any]],
+                           extra: dict[str, Any]) -> float | None:
+        """Write the evaluation record of ``round_number``; return the mean accuracy."""
+        scored = [m["accuracy"] for m in sites.values() if "accuracy" in m]
+        mean = float(np.mean(scored)) if scored else None
         self.recorder.evaluate_done(round_number, {"round": round_number, "phase": "evaluate",
                                                    "sites": sites, "accuracy_mean": mean,
-                                                   "time": round(time.time(), 3)})
-        return MetricRecord({"accuracy": mean}) if mean is not None else None
+                                                   **extra, "time": round(time.time(), 3)})
+        return mean
+
+
+def allowed_validation(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A site's validation metrics, keeping only those the reply contract allows."""
+    return {k: v for k, v in (record or {}).items() if k in EVALUATE_METRICS}

@@ -25,6 +25,7 @@ from medmeta_common.models.factory import build_encoder
 from medmeta_common.privacy.accounting import default_delta, epsilon_of
 from medmeta_common.privacy.ledger import LEDGER_FILE, read_ledger
 from medmeta_common.protocol import EVALUATE_METRICS, TRAIN_METRICS, layout_of
+from medmeta_common.wire import arrays_to_numpy
 from server.state import RunState
 from tests.conftest import SHARED_DATA, shared_file
 
@@ -95,6 +96,7 @@ def test_sites_send_only_encoder_count_and_allowed_metrics(run: Run) -> None:
     config = load_config(run.config_path)
     layout = layout_of(build_encoder(config.model, config.image, config.seed))
     kinds = {"train": 0, "evaluate": 0, "query": 0}
+    validated = 0
     for reply in run.replies:
         assert not reply.has_error(), reply.error.reason
         content = reply.content
@@ -109,17 +111,29 @@ def test_sites_send_only_encoder_count_and_allowed_metrics(run: Run) -> None:
         assert set(metrics) <= allowed
         assert all(isinstance(v, (int, float)) for v in metrics.values())
         assert not content.config_records
+        if "validation" in content:  # round 1's encoder, scored in round 2's train replies
+            assert kind == "train"
+            validation = content.metric_records["validation"]
+            assert set(validation) <= EVALUATE_METRICS and "accuracy" in validation
+            assert all(isinstance(v, (int, float)) for v in validation.values())
+            validated += 1
         if kind == "train" and not metrics.get("refused"):
-            assert set(content) == {"arrays", "metrics"}
-            arrays = content.array_records["arrays"]
+            assert set(content) - {"validation"} == {"arrays", "metrics"}
+            # On the wire: one packed array and its index (not one object per tensor).
+            assert set(content.array_records["arrays"]) == {"packed-index",
+                                                           "packed-data:float32"}
+            arrays = arrays_to_numpy(content.array_records["arrays"])
             assert {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()} == {
                 k: (shape, dtype) for k, (shape, dtype) in layout.items()}
             assert metrics["num-examples"] > 0 and metrics["dp"] == 1
             assert "train-loss" not in metrics  # a non-private statistic of training data
         else:
-            assert set(content) == {"metrics"}
-    # Queries: each site's name once, and the end of the run (answered the same way).
-    assert kinds == {"train": 8, "evaluate": 8, "query": 8}
+            assert set(content) - {"validation"} == {"metrics"}
+    # One message per site per round: round 1's validation rode on round 2's train
+    # messages (all 4 sites, the refusing one too); only the last round is evaluated
+    # by its own messages. Queries: each site's name once, and the end of the run.
+    assert validated == 4
+    assert kinds == {"train": 8, "evaluate": 4, "query": 8}
 
 
 def test_frugal_site_refuses_and_the_round_completes_without_it(run: Run) -> None:

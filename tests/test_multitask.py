@@ -112,6 +112,7 @@ def test_segmentation_sites_report_dice_and_classification_sites_accuracy(
 
 def test_every_site_of_every_task_sends_only_the_encoder_and_allowed_metrics(run: Run) -> None:
     evaluated = set()
+    in_train: set[int] = set()
     for reply in run.replies:
         assert not reply.has_error(), reply.error.reason
         if reply.metadata.message_type == "query":
@@ -120,12 +121,19 @@ def test_every_site_of_every_task_sends_only_the_encoder_and_allowed_metrics(run
         allowed = TRAIN_METRICS if reply.metadata.message_type == "train" else EVALUATE_METRICS
         assert set(metrics) <= allowed, metrics
         assert not reply.content.config_records
-        assert set(reply.content) <= {"arrays", "metrics"}
+        assert set(reply.content) <= {"arrays", "metrics", "validation"}
+        if "validation" in reply.content:  # the received encoder, scored in a train reply
+            assert reply.metadata.message_type == "train"
+            validation = dict(reply.content.metric_records["validation"])
+            assert set(validation) <= EVALUATE_METRICS, validation
+            metrics.update(validation)
+            in_train.add(reply.metadata.src_node_id)
         if "map50" in metrics:
             evaluated.add("detection")
         if "dice" in metrics:
             evaluated.add("segmentation")
     assert evaluated == {"detection", "segmentation"}
+    assert len(in_train) == 5  # every site validated in a train reply: one message a round
 
 
 def test_held_out_segmentation_site_adapts_and_predicts_readable_masks(

@@ -24,14 +24,15 @@ SENT = [
      "the number of training images, and the scalar metrics "
      + ", ".join(sorted(TRAIN_METRICS - {"train-loss"}))
      + " (train-loss only when DP is off)"),
-    ("evaluate reply, when asked",
+    ("evaluate reply, or a train reply's 'validation' record, when asked",
      "the validation metric of the site's task on its validation patients (classification: "
      "few-shot accuracy; segmentation: Dice; detection: mAP@0.5 as map50 and mAP@[.5:.95] "
      "as map) and the number of validation images: "
      + ", ".join(sorted(EVALUATE_METRICS)) + " (not covered by the DP guarantee)"),
     ("query reply, once per connection", "the site's name"),
     ("never", "images, labels, boxes, masks, patient identifiers, per-record gradients, "
-              "the site's classifier head, decoder or detection head, the privacy ledger"),
+              "the site's classifier head, decoder or detection head, the privacy ledger, "
+              "its message timings (message_times.jsonl)"),
 ]
 
 
