@@ -6,7 +6,8 @@ SuperNode starts no ClientApp of its own; the site's launcher
 place of Flower's ``flwr-clientapp``. The runner:
 
 1. pulls the task's message, context, run and app bundle from the SuperNode (Flower's
-   own Runtime API calls, as ``flwr-clientapp`` makes them);
+   own Runtime API calls, as ``flwr-clientapp`` makes them, with a prompter retry of
+   objects still in transit: :mod:`client.task_input`);
 2. judges the bundle by site.yaml's ``app`` policy (:func:`client.app_policy.judge_bundle`)
    while the bundle is still only bytes in memory: nothing from it has been written to
    disk, put on ``sys.path`` or imported;
@@ -30,6 +31,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,9 +44,12 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_htt
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from client.app_launcher import die_with_parent
 from client.app_policy import Verdict, judge_bundle
+from client.startup import mark_input_pulled, mark_task_received
+from client.task_input import pull_task_input
 from medmeta_common.app_logging import quiet_third_party_warnings
 from medmeta_common.config.app import AppPolicyConfig
 from medmeta_common.release.bundle import bundle_metadata
@@ -174,14 +179,19 @@ def run_task(address: str, token: str, site_config: Path) -> int:
         client.close()
 
     def stopped(signum: int, _frame: object) -> None:
-        finish()
-        os._exit(128 + signum)  # the task is recorded; skip the interrupted code's cleanup
+        # Record the task as stopped if the SuperNode still answers; it may be gone (the
+        # site is stopping), and Flower's client retries forever: wait 5 s at most.
+        recording = threading.Thread(target=finish, daemon=True)
+        recording.start()
+        recording.join(timeout=5)
+        os._exit(128 + signum)  # skip the interrupted code's cleanup
 
     signal.signal(signal.SIGTERM, stopped)
     signal.signal(signal.SIGINT, stopped)
     workdir = Path(tempfile.mkdtemp(prefix="medmeta-bundle-"))
     try:
         message, context, run, fab = pull_task_input(client)
+        mark_input_pulled()
         try:
             app = load_app_for_run(site_config, run.run_id, fab.content,
                                    run_signature(run.override_config), workdir)
@@ -206,6 +216,34 @@ def run_task(address: str, token: str, site_config: Path) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def preload(site_config: Path) -> None:
+    """Import what this site's messages need, before the task arrives.
+
+    The installed libraries (torch; Opacus when the site trains under DP; MONAI for
+    segmentation and detection sites) and, when the site runs its installed medmeta
+    (``app.source: installed``), its ClientApp and task code. Nothing of a run's app
+    bundle: that is judged after the task arrives (and replaces the installed
+    modules). A site.yaml that cannot be read is left for the task to report.
+    """
+    import torch  # noqa: F401
+
+    try:
+        from medmeta_common.config.deploy import load_site_config
+
+        config = load_site_config(site_config)
+    except Exception:  # noqa: BLE001 - the task names the problem
+        return
+    if config.privacy.enabled:
+        import opacus  # noqa: F401
+    if config.task != "classification":
+        import monai  # noqa: F401
+    if config.app.source == "installed":
+        from client.tasks import get_task
+
+        load_installed_app()
+        get_task(config.task)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -P -m client.app_runner``: the task token arrives on stdin."""
     parser = argparse.ArgumentParser(description="medmeta's ClientApp runner (started by "
@@ -213,15 +251,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--site-config", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--preload", action="store_true",
+                        help="import the site's libraries before reading the task's token")
     args = parser.parse_args(argv)
     # A time on every line: the site's terminal shows one line per round (client.site_log).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s medmeta %(levelname)s: "
                         "%(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     quiet_third_party_warnings()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    # Flower's parent monitor raises SIGINT, and the launcher's parent-death signal is
+    # SIGTERM: both must end a runner still waiting for its task, even when the site was
+    # started with them ignored (a background shell job ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.parent_pid is not None:
+        # A runner waiting for its task must not outlive the site, however the site dies.
+        die_with_parent()
+        if os.getppid() != args.parent_pid:  # it died before the line above
+            return 1
         start_parent_process_monitor(args.parent_pid)
+    if args.preload:
+        preload(args.site_config)
     token = sys.stdin.readline().strip()
+    mark_task_received()
     if not token:
         parser.error("no task token on stdin")
     return run_task(args.runtime_api_address, token, args.site_config)

@@ -10,7 +10,6 @@ by the SuperLink (an unregistered key) is turned into a clear message too.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -19,9 +18,10 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
-from client.app_launcher import TaskLauncher, write_launcher_secret
+from client.app_launcher import TaskLauncher, die_with_parent, write_launcher_secret
 from medmeta_common.config.deploy import SiteDeployConfig
 from medmeta_common.errors import DataError, FederationError
 
@@ -100,13 +100,6 @@ def supernode_command(config: SiteDeployConfig, config_path: Path,
             "--auth-supernode-private-key", str(config.private_key)]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when this command dies, however it dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_supernode(config: SiteDeployConfig, config_path: Path) -> int:
     """Run the SuperNode in the foreground, relaying its log; return its exit code.
 
@@ -122,16 +115,17 @@ def run_supernode(config: SiteDeployConfig, config_path: Path) -> int:
     secret = write_launcher_secret(Path(config.state_dir))
     process = subprocess.Popen(supernode_command(config, config_path, secret), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True, preexec_fn=_die_with_parent)
+                               start_new_session=True, preexec_fn=die_with_parent)
     launcher = TaskLauncher(runtime_address=f"127.0.0.1:{config.port}", site_config=config_path,
-                            secret=secret.read_bytes(), env=env)
+                            secret=secret.read_bytes(), env=env,
+                            prestart=config.runtime.prestart_runner)
     launcher.start()
     refused = threading.Event()
 
     def relay() -> None:
         assert process.stdout is not None
-        for line in process.stdout:
-            sys.stderr.write(line)
+        for line in process.stdout:  # Flower's lines carry no time; ours do: add it
+            sys.stderr.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line)
             if any(marker in line for marker in UNREGISTERED_MARKERS):
                 refused.set()
 

@@ -280,3 +280,27 @@ def test_the_detection_site_trains_and_reports_map_through_the_deployment(
     state = scenario.root / "state" / "detection-lab"
     assert (state / "detection_head.pt").exists()  # the head stays at the site
     assert len(read_ledger(state / LEDGER_FILE).rounds) == len(trained)
+
+
+def test_each_round_is_one_message_per_site_and_sites_time_their_start_up(
+        scenario: Scenario) -> None:
+    metrics = RunState(scenario.state).read_metrics()
+    # The encoders of rounds 1 and 2 were scored in the next rounds' train replies (round
+    # 2's after the server's restart); only the last round had its own evaluate messages.
+    evaluated = {r["round"]: r for r in metrics if r["phase"] == "evaluate"}
+    assert evaluated[1]["with_train"] == 2 and evaluated[2]["with_train"] == 3
+    assert "with_train" not in evaluated[3]
+    assert all(0 <= s["accuracy"] <= 1 for n, s in evaluated[2]["sites"].items()
+               if n != "detection-lab")
+    for name in scenario.notes["survivors"]:  # type: ignore[attr-defined]
+        times = [json.loads(line) for line in
+                 (scenario.root / "state" / name / "message_times.jsonl").read_text().splitlines()]
+        kinds = [(t["type"], t["round"]) for t in times]
+        assert ("evaluate", 3) in kinds and ("evaluate", 1) not in kinds, kinds
+        assert [k for k in kinds if k[0] == "evaluate"] == [("evaluate", 3)]
+        for line in times:  # start-up measured from the process's own start, at the site
+            assert 0 < line["spawn_to_handler_s"] <= line["spawn_to_ready_s"]
+            assert line["task_to_ready_s"] is not None and line["compute_s"] > 0
+        # runtime.prestart_runner (default): later messages found their process started
+        # (and its libraries loaded) well before their task came.
+        assert any(t["spawn_to_ready_s"] - t["task_to_ready_s"] > 2 for t in times[1:])

@@ -68,6 +68,9 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     cpus_per_site: float = 1.0
+    # A deployed site starts the next message's process while it is idle, and that
+    # process loads torch (and Opacus, MONAI as the site needs) before its task comes.
+    prestart_runner: bool = True
 
     def __post_init__(self) -> None:
         check(self.cpus_per_site > 0, field="cpus_per_site", expected="a positive number",
