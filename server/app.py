@@ -120,6 +120,9 @@ def run_federation(grid: Grid, config: RunConfig, out_dir: Path, *, resume: bool
         validate_in_train=config.server.secure_aggregation is None
         and config.server.fraction_evaluate == config.server.fraction_train,
         last_round=config.rounds,
+        # A resumed run scores the encoder it resumes from, unless that was done.
+        score_resumed=not any(r.get("phase") == "evaluate" and r.get("round") == offset
+                              for r in state.read_metrics()),
         max_failed_rounds=config.server.max_failed_rounds,
         wait_for_sites=config.sites_to_wait_for,
     )

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -106,6 +107,9 @@ class MetaStrategy(FedAvg):
         goes in an evaluate message.
     last_round : int, optional
         The run's final (global) round.
+    score_resumed : bool
+        Whether a resumed run's first train messages score the encoder it resumes
+        from (``False`` when the metrics already hold that round's evaluation).
     query_timeout : float
         Seconds to wait for a new site to say its name.
     max_failed_rounds : int
@@ -129,6 +133,7 @@ class MetaStrategy(FedAvg):
         evaluate_every: int = 1,
         validate_in_train: bool = True,
         last_round: int | None = None,
+        score_resumed: bool = True,
         query_timeout: float = 120.0,
         max_failed_rounds: int = 3,
         wait_for_sites: int | None = None,
@@ -162,9 +167,10 @@ class MetaStrategy(FedAvg):
         # The round whose encoder the next evaluation scores (None after a failed round).
         self._evaluated_round: int | None = None
         # The round whose encoder the next train messages carry and should score (a
-        # resumed run scores the encoder it resumes from: no evaluate message did).
-        self._validate_next: int | None = round_offset if round_offset and self.evaluates(
-            round_offset) and self.validates_in_train(round_offset) else None
+        # resumed run scores the encoder it resumes from, unless its run already did).
+        self._validate_next: int | None = round_offset if round_offset and score_resumed \
+            and self.evaluates(round_offset) and self.validates_in_train(round_offset) \
+            else None
 
         # Central-DP noise must be unpredictable: fresh OS entropy, never the run seed.
         self._noise = np.random.default_rng(secrets.randbits(128))
@@ -253,7 +259,7 @@ class MetaStrategy(FedAvg):
         sites: dict[str, dict[str, Any]] = {}
         # In site-name order: the aggregate's floating-point sums then do not depend on
         # which site answered first.
-        replies = list(replies)
+        replies = from_sites(replies)
         for reply in sorted(replies, key=lambda r: self.site_name(r.metadata.src_node_id)):
             name = self.site_name(reply.metadata.src_node_id)
             verdict, metrics, arrays = self._judge_train_reply(reply)
@@ -406,7 +412,7 @@ class MetaStrategy(FedAvg):
                 or self.validates_in_train(round_number):
             return None
         sites: dict[str, dict[str, Any]] = {}
-        for reply in replies:
+        for reply in from_sites(replies):
             name = self.site_name(reply.metadata.src_node_id)
             if reply.has_error():
                 log.warning("evaluation at site %s failed: %s", name, reply.error.reason)
@@ -437,6 +443,24 @@ class MetaStrategy(FedAvg):
                                                    "sites": sites, "accuracy_mean": mean,
                                                    **extra, "time": round(time.time(), 3)})
         return mean
+
+
+def from_sites(replies: Iterable[Message]) -> list[Message]:
+    """The replies sites sent; the SuperLink's own error replies are logged and dropped.
+
+    When a message cannot reach its site (the node is gone, the message expired), the
+    SuperLink answers for it with an error whose source is the SuperLink itself (node
+    1), not the site: counting it would name a site "node-1". The site is then one
+    that did not answer (``dropped``).
+    """
+    kept = []
+    for reply in replies:
+        if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+            reason = reply.error.reason if reply.has_error() else "no content"
+            log.warning("the SuperLink could not deliver a message to a site: %s", reason)
+            continue
+        kept.append(reply)
+    return kept
 
 
 def allowed_validation(record: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -160,6 +160,10 @@ def test_non_finite_updates_are_rejected_before_the_norm() -> None:
         "w holds NaN or infinite values"
 
 
+# Site node ids (Flower reserves node 1 for the SuperLink's own error replies).
+NODE_BASE = 100
+
+
 @dataclass
 class Reply:
     """What ``aggregate_train`` reads of a Flower reply (a site's answer, no transport)."""
@@ -174,7 +178,7 @@ class Reply:
 def reply(node: int, values: list[float], records: int = 10) -> Reply:
     content = RecordDict({ARRAYS_KEY: numpy_to_arrays({"w": np.asarray(values, np.float32)}),
                           METRICS_KEY: MetricRecord({NUM_EXAMPLES: records, "refused": 0})})
-    return Reply(content, SimpleNamespace(src_node_id=node))
+    return Reply(content, SimpleNamespace(src_node_id=NODE_BASE + node))
 
 
 class Recorder:
@@ -201,7 +205,7 @@ def strategy_with(server: MetaUpdateConfig) -> tuple[MetaStrategy, Recorder]:
     strategy = MetaStrategy(meta_optimizer=MetaOptimizer(server, CURRENT), layout=LAYOUT,
                             min_sites=2, round_offset=0, recorder=recorder,
                             max_failed_rounds=server.max_failed_rounds)
-    strategy.site_names = {1: "hospital-a", 2: "hospital-b", 3: "hospital-c", 4: "hospital-d"}
+    strategy.site_names = {NODE_BASE + i: f"hospital-{c}" for i, c in enumerate("abcd", 1)}
     strategy._current = dict(CURRENT)  # what configure_train stores from the round's arrays
     return strategy, recorder
 
@@ -266,7 +270,7 @@ def test_a_successful_round_resets_the_failure_count_and_advances() -> None:
     # A refusal is named with the budget the site reported.
     refused = Reply(RecordDict({METRICS_KEY: MetricRecord({
         NUM_EXAMPLES: 0, "refused": 1, "epsilon": 7.99, "epsilon-budget": 8.0})}),
-        SimpleNamespace(src_node_id=3))
+        SimpleNamespace(src_node_id=NODE_BASE + 3))
     strategy.begin_round(strategy.current)
     strategy.aggregate_train(3, [reply(1, [1.5, 1.0]), refused])  # type: ignore[list-item]
     assert recorder.failed[-1]["round"] == 2
@@ -331,3 +335,21 @@ def test_a_packed_update_that_does_not_add_up_is_rejected_by_site_name(
     assert record["sites"]["hospital-c"] == {
         "status": "rejected", "reason": "packed float32 data too short for 'w'"}
     assert "rejected update from site hospital-c: packed float32 data too short" in caplog.text
+
+
+def test_the_superlinks_own_error_replies_are_not_counted_as_a_site(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from flwr.app import Error
+
+    strategy, recorder = strategy_with(MetaUpdateConfig())
+    strategy._asked = [NODE_BASE + 1, NODE_BASE + 2, NODE_BASE + 3]
+    undeliverable = Reply(RecordDict(), SimpleNamespace(src_node_id=1))
+    undeliverable.has_error = lambda: True  # type: ignore[method-assign]
+    undeliverable.error = Error(code=0, reason="node unavailable")  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy.aggregate_train(1, [reply(1, [1.0, 2.0]), reply(2, [2.0, 1.0]),  # type: ignore[list-item]
+                                     undeliverable])
+    _, record = recorder.rounds[0]
+    assert set(record["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}  # no "node-1"
+    assert record["sites"]["hospital-c"] == {"status": "dropped"}
+    assert "could not deliver a message to a site: node unavailable" in caplog.text
