@@ -234,7 +234,9 @@ def preload(site_config: Path) -> None:
     except Exception:  # noqa: BLE001 - the task names the problem
         return
     if config.privacy.enabled:
-        import opacus  # noqa: F401
+        from medmeta_common.privacy.dp_sgd import load_dp_library
+
+        load_dp_library()
     if config.task != "classification":
         import monai  # noqa: F401
     if config.app.source == "installed":
